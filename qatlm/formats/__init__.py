@@ -1,0 +1,137 @@
+"""llama.cpp block formats in PyTorch, byte-identical to ggml's reference quantizers.
+
+    >>> import torch, qatlm.formats as F
+    >>> w = torch.randn(4, 64)
+    >>> raw = F.quantize(w, "q4_0")              # numpy uint8 [4, 36]: the GGUF block bytes
+    >>> back = F.dequantize(raw, "q4_0", w.shape) # torch fp32 [4, 64]
+    >>> bool((F.fake_quant(w, "q4_0") == back).all())
+    True
+
+This registry is the only place that knows a block format: fake quant in training, PTQ, GGUF export
+and the torch evaluation engine all call it, so what the student trains against is, byte for byte,
+what llama.cpp runs. Blocks run along the last dimension (a torch Linear weight [out, in]: along `in`),
+as GGUF's ne[0].
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._base import BlockFormat, Codes
+from . import _kernels, q4_0, q4_1, q5_0, q5_1, q8_0
+
+_REGISTRY: dict[str, BlockFormat] = {m.FORMAT.name: m.FORMAT for m in (q4_0, q4_1, q5_0, q5_1, q8_0)}
+
+__all__ = ["BlockFormat", "Codes", "names", "get", "quantize", "dequantize", "fake_quant", "byte_shape"]
+
+
+def names() -> list[str]:
+    """Known format names, e.g. ['q4_0', 'q4_1', 'q5_0', 'q5_1', 'q8_0']."""
+    return list(_REGISTRY)
+
+
+def get(name: str) -> BlockFormat:
+    """The BlockFormat for `name` (case-insensitive): .block_size, .type_size, .bits_per_weight, .ggml_type."""
+    fmt = _REGISTRY.get(str(name).lower())
+    if fmt is None:
+        raise ValueError(f"unknown block format {name!r}; known formats: {', '.join(names())}")
+    return fmt
+
+
+def byte_shape(shape: tuple[int, int], fmt: str | BlockFormat) -> tuple[int, int]:
+    """Shape of the GGUF bytes for a [rows, cols] tensor: [rows, cols // block_size * type_size]."""
+    f = fmt if isinstance(fmt, BlockFormat) else get(fmt)
+    rows, cols = shape
+    return rows, cols // f.block_size * f.type_size
+
+
+def _check_weight(w: torch.Tensor, f: BlockFormat, what: str = "tensor") -> None:
+    if w.dim() != 2:
+        raise ValueError(f"{f.name}: expected a 2-D {what} [rows, cols], got shape {tuple(w.shape)}; "
+                         "reshape it so that blocks run along the last dimension")
+    if w.shape[1] % f.block_size:
+        raise ValueError(f"{f.name}: row length {w.shape[1]} of {what} {tuple(w.shape)} is not a multiple of the "
+                         f"block size {f.block_size}; pick a format whose block divides it (or keep it F16/F32)")
+    if not w.is_floating_point():
+        raise ValueError(f"{f.name}: expected a floating-point {what}, got {w.dtype}")
+
+
+def _as_tensor(w) -> torch.Tensor:
+    if isinstance(w, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(w))
+    if isinstance(w, torch.Tensor):
+        return w
+    raise ValueError(f"expected a torch.Tensor or numpy.ndarray, got {type(w).__name__}")
+
+
+@torch.no_grad()
+def quantize(w, fmt: str) -> np.ndarray:
+    """GGUF block bytes of a 2-D float tensor: numpy uint8 [rows, cols // B * type_size].
+
+    Same bytes and shape as `gguf.quants.quantize(w.float().numpy(), GGMLQuantizationType.<FMT>)`.
+    Any float dtype is accepted; it is first converted to fp32 (exact for fp16/bf16), as the
+    exporter does. Raises ValueError on NaN/inf, a non-2-D tensor, or a row not divisible by the block.
+    """
+    f = get(fmt)
+    w = _as_tensor(w)
+    _check_weight(w, f)
+    out = torch.empty(byte_shape(tuple(w.shape), f), dtype=torch.uint8)
+    flags = _kernels.run(f, "quantize", w.cpu() if w.device.type != "cpu" else w, out)
+    if not all(bool(ok) for ok in flags):
+        bad = (~torch.isfinite(w)).nonzero()[0].tolist()
+        raise ValueError(f"{f.name}: tensor {tuple(w.shape)} holds NaN or inf (first at row {bad[0]}, "
+                         f"col {bad[1]}); fix the weights before quantizing")
+    return out.numpy()
+
+
+@torch.no_grad()
+def dequantize(data, fmt: str, shape) -> torch.Tensor:
+    """GGUF block bytes -> torch fp32 tensor of `shape` (exact: these formats dequantize exactly in fp32)."""
+    f = get(fmt)
+    shape = tuple(int(s) for s in shape)
+    raw = _as_tensor(data)
+    if raw.dtype != torch.uint8:
+        raise ValueError(f"{f.name}: expected uint8 block bytes, got {raw.dtype}")
+    n = 1
+    for s in shape:
+        n *= s
+    if not shape or shape[-1] % f.block_size:
+        raise ValueError(f"{f.name}: shape {shape} has a last dimension not divisible by block size {f.block_size}")
+    expected = n // f.block_size * f.type_size
+    if raw.numel() != expected:
+        raise ValueError(f"{f.name}: {raw.numel()} bytes do not hold a {shape} tensor ({expected} bytes expected)")
+    rows = raw.reshape(-1, shape[-1] // f.block_size * f.type_size)
+    out = torch.empty(rows.shape[0], shape[-1], dtype=torch.float32, device=raw.device)
+    _kernels.run(f, "dequantize", rows, out)
+    return out.view(shape)
+
+
+def _fake_quant_values(w: torch.Tensor, f: BlockFormat) -> torch.Tensor:
+    out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
+    _kernels.run(f, "fake", w, out)
+    return out
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Forward: the exact dequantized values. Backward: straight-through (identity) gradient."""
+
+    @staticmethod
+    def forward(ctx, w, f):
+        return _fake_quant_values(w, f)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def fake_quant(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Quantize-then-dequantize `w` [rows, cols] with a straight-through gradient, on w's device.
+
+    Returns fp32 (exact: dequantized values such as fp16(d) * q need up to 15 significant bits, which
+    bf16/fp16 cannot hold). Inputs of any float dtype are upcast to fp32 first, which is exact and what
+    the exporter does, so `fake_quant(w) == dequantize(quantize(w))` holds bit for bit. The gradient is
+    returned to w in w's dtype.
+    """
+    f = get(fmt)
+    _check_weight(w, f, "weight")
+    return _FakeQuantSTE.apply(w, f)

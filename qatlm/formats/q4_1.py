@@ -1,0 +1,24 @@
+"""Q4_1: 32 weights -> fp16 d, fp16 min + 16 bytes of 4-bit codes (5 bits/weight).
+ggml-quants.c quantize_row_q4_1_ref."""
+import torch
+from gguf import GGMLQuantizationType
+
+from ._base import (BlockFormat, Codes, decode_min, encode_min, fp16_bytes, fp16_from_bytes, pack_nibbles,
+                    unpack_nibbles)
+
+
+class Q4_1(BlockFormat):
+    def encode(self, blocks: torch.Tensor) -> Codes:
+        return encode_min(blocks, 15)
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        return decode_min(codes)
+
+    def pack(self, codes: Codes) -> torch.Tensor:
+        return torch.cat([fp16_bytes(codes.d), fp16_bytes(codes.m), pack_nibbles(codes.q)], dim=1)
+
+    def unpack(self, raw: torch.Tensor) -> Codes:
+        return Codes(unpack_nibbles(raw[:, 4:]), fp16_from_bytes(raw[:, :2]), fp16_from_bytes(raw[:, 2:4]))
+
+
+FORMAT = Q4_1("q4_1", int(GGMLQuantizationType.Q4_1), block_size=32, type_size=20)

@@ -1,0 +1,38 @@
+"""Q8_0: 32 weights -> fp16 d + 32 int8 codes (8.5 bits/weight). ggml-quants.c quantize_row_q8_0_ref."""
+import torch
+from gguf import GGMLQuantizationType
+
+from ._base import BlockFormat, Codes, finite_or_zero, fp16_bytes, fp16_from_bytes, safe_inverse
+
+
+def round_half_away(y: torch.Tensor) -> torch.Tensor:
+    """C roundf (half AWAY from zero; torch.round is half-to-even) of finite y, as int32.
+
+    floor(|y| + 0.5) would be wrong for 0.49999997 (the sum rounds up to 1.0), so split off the
+    integer part instead: the int conversion truncates like C, and y - trunc(y) is exact in fp32.
+    """
+    t = y.to(torch.int32)
+    frac = y - t
+    return t + (frac >= 0.5).to(torch.int32) - (frac <= -0.5).to(torch.int32)
+
+
+class Q8_0(BlockFormat):
+    def encode(self, blocks: torch.Tensor) -> Codes:
+        # max |x| from two cheap reductions; .abs() makes a zero amax +0.0 as C's fabsf does
+        amax = torch.maximum(blocks.amax(dim=1, keepdim=True), -blocks.amin(dim=1, keepdim=True)).abs()
+        d = amax / 127
+        inv = safe_inverse(d)
+        y = finite_or_zero(blocks * inv, inv, d)
+        return Codes(round_half_away(y).to(torch.int8), d.to(torch.float16))
+
+    def decode(self, codes: Codes) -> torch.Tensor:
+        return codes.q.to(torch.float32) * codes.d.to(torch.float32)
+
+    def pack(self, codes: Codes) -> torch.Tensor:
+        return torch.cat([fp16_bytes(codes.d), codes.q.view(torch.uint8)], dim=1)
+
+    def unpack(self, raw: torch.Tensor) -> Codes:
+        return Codes(raw[:, 2:].contiguous().view(torch.int8), fp16_from_bytes(raw[:, :2]))
+
+
+FORMAT = Q8_0("q8_0", int(GGMLQuantizationType.Q8_0), block_size=32, type_size=34)
