@@ -59,11 +59,11 @@ def assert_same_bytes(w, name):
     w = np.ascontiguousarray(w, dtype=np.float32)
     f = F.get(name)
     c_ref = ggml_quantize(w, name)
-    for compiled in (False, True):
+    for compiled in ("eager", "compiled", "exact"):
         with kernel_mode(compiled):
             ours = F.quantize(torch.from_numpy(w), name)
             assert ours.dtype == np.uint8 and ours.shape == c_ref.shape
-            first_diff(ours, c_ref, w, f, f"libggml ({'compiled' if compiled else 'eager'})")
+            first_diff(ours, c_ref, w, f, f"libggml ({compiled})")
             # and the fake-quant path lands on exactly the dequantized bytes
             fq = F.fake_quant(torch.from_numpy(w), name)
             deq = F.dequantize(ours, name, w.shape)
@@ -72,17 +72,20 @@ def assert_same_bytes(w, name):
 
 
 class kernel_mode:
-    """Force the eager kernels, or the compiled ones even for small tensors."""
+    """Force a kernel path: "eager" (fast rules + exact fix-up of flagged blocks), "compiled" (the same,
+    torch.compile'd even for small tensors) or "exact" (the branch-free exact rules on every block: the
+    CUDA path, run on CPU)."""
 
-    def __init__(self, compiled: bool):
-        self.compiled = compiled
+    def __init__(self, mode):
+        self.mode = {False: "eager", True: "compiled"}.get(mode, mode)
 
     def __enter__(self):
-        self.saved = _kernels.COMPILE_MIN_ELEMENTS
-        _kernels.COMPILE_MIN_ELEMENTS = 0 if self.compiled else 1 << 62
+        self.saved = _kernels.COMPILE_MIN_ELEMENTS, _kernels.FORCE_EXACT
+        _kernels.COMPILE_MIN_ELEMENTS = 0 if self.mode == "compiled" else 1 << 62
+        _kernels.FORCE_EXACT = self.mode == "exact"
 
     def __exit__(self, *exc):
-        _kernels.COMPILE_MIN_ELEMENTS = self.saved
+        _kernels.COMPILE_MIN_ELEMENTS, _kernels.FORCE_EXACT = self.saved
 
 
 BLOCKS_SEEN = {name: 0 for name in FORMATS}
@@ -208,7 +211,7 @@ def test_block_count_covers_a_million():
 # ---- dequantize, fake quant, gradients ------------------------------------------------------------
 
 @pytest.mark.parametrize("name", FORMATS)
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", ["eager", "compiled"])
 def test_dequantize_matches_gguf_on_arbitrary_bytes(name, compiled):
     """Any bytes, including fp16 scales that are inf/NaN/subnormal: same floats (NaN where gguf has NaN)."""
     f = F.get(name)

@@ -76,8 +76,7 @@ def quantize(w, fmt: str) -> np.ndarray:
     w = _as_tensor(w)
     _check_weight(w, f)
     out = torch.empty(byte_shape(tuple(w.shape), f), dtype=torch.uint8)
-    flags = _kernels.run(f, "quantize", w.cpu() if w.device.type != "cpu" else w, out)
-    if not all(bool(ok) for ok in flags):
+    if not _kernels.run(f, "quantize", w.cpu(), out):
         bad = (~torch.isfinite(w)).nonzero()[0].tolist()
         raise ValueError(f"{f.name}: tensor {tuple(w.shape)} holds NaN or inf (first at row {bad[0]}, "
                          f"col {bad[1]}); fix the weights before quantizing")

@@ -31,11 +31,16 @@ class Codes(NamedTuple):
     q: integer codes as stored, [n, B] (uint8, or int8 for Q8_0)
     d: the scale as fp16, [n, 1]
     m: the fp16 minimum for the "_1" formats ([n, 1]), else None
+    fix: from encode(fast=True) only: [n, 1] bool, blocks where a corner rule may apply (a +a/-a tie,
+         a zero max or min, an overflowing 1/d) and whose codes must come from the exact encode instead
+    finite: from encode(fast=True) only: [n, 1] bool, block holds no NaN/inf
     """
 
     q: torch.Tensor
     d: torch.Tensor
     m: torch.Tensor | None = None
+    fix: torch.Tensor | None = None
+    finite: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -53,8 +58,11 @@ class BlockFormat(ABC):
 
     # --- implemented by each format -------------------------------------------------------
     @abstractmethod
-    def encode(self, blocks: torch.Tensor) -> Codes:
-        """fp32 [n, block_size] -> Codes: the reference quantizer's decisions."""
+    def encode(self, blocks: torch.Tensor, fast: bool = False) -> Codes:
+        """fp32 [n, block_size] -> Codes: the reference quantizer's decisions.
+
+        fast=True skips the corner rules and flags the blocks that may need them (Codes.fix) instead:
+        all other blocks are already exact. Branch-free either way (torch.compile, no GPU host sync)."""
 
     @abstractmethod
     def decode(self, codes: Codes) -> torch.Tensor:
@@ -134,16 +142,21 @@ def codes_from_float(y: torch.Tensor, hi: int, inv: torch.Tensor, d: torch.Tenso
     return finite_or_zero(y, inv, d).to(torch.int32).clamp_(max=hi).to(torch.uint8)
 
 
-def encode_symmetric(blocks: torch.Tensor, half_levels: int) -> Codes:
+def encode_symmetric(blocks: torch.Tensor, half_levels: int, fast: bool = False) -> Codes:
     """Q4_0 (half_levels=8) / Q5_0 (16): ggml-quants.c quantize_row_q4_0_ref / q5_0_ref.
 
     d = max / -half_levels with max the signed largest-|x| element; id = d ? 1/d : 0;
     q = min(2*half_levels - 1, (int8_t)(x*id + half_levels + 0.5f)).
     """
-    mx = signed_absmax(blocks, blocks.amax(dim=1, keepdim=True), blocks.amin(dim=1, keepdim=True))  # [n, 1]
+    hi, lo = blocks.amax(dim=1, keepdim=True), blocks.amin(dim=1, keepdim=True)  # [n, 1]
+    mx = torch.where(hi >= -lo, hi, lo) if fast else signed_absmax(blocks, hi, lo)
     d = mx / -half_levels
     inv = safe_inverse(d)
     y = blocks * inv + (half_levels + 0.5)  # mul then add: two fp32 roundings, no FMA
+    if fast:  # corners: +a/-a ties and all-zero blocks (hi == -lo), overflowing 1/d
+        fix = (hi == -lo) | torch.isinf(inv)
+        q = y.to(torch.int32).clamp_(max=2 * half_levels - 1).to(torch.uint8)
+        return Codes(q, d.to(torch.float16), fix=fix, finite=torch.isfinite(hi) & torch.isfinite(lo))
     return Codes(codes_from_float(y, 2 * half_levels - 1, inv, d), d.to(torch.float16))
 
 
@@ -152,16 +165,22 @@ def decode_symmetric(codes: Codes, half_levels: int) -> torch.Tensor:
     return (codes.q.to(torch.float32) - half_levels) * codes.d.to(torch.float32)
 
 
-def encode_min(blocks: torch.Tensor, max_code: int) -> Codes:
+def encode_min(blocks: torch.Tensor, max_code: int, fast: bool = False) -> Codes:
     """Q4_1 (max_code=15) / Q5_1 (31): ggml-quants.c quantize_row_q4_1_ref / q5_1_ref.
 
     d = (max - min) / max_code; id = d ? 1/d : 0; q = (int8_t)((x - min)*id + 0.5f), at most max_code.
     """
-    mn = first_of_equals(blocks, blocks.amin(dim=1, keepdim=True))
-    mx = first_of_equals(blocks, blocks.amax(dim=1, keepdim=True))
+    mn, mx = blocks.amin(dim=1, keepdim=True), blocks.amax(dim=1, keepdim=True)
+    if not fast:
+        mn, mx = first_of_equals(blocks, mn), first_of_equals(blocks, mx)
     d = (mx - mn) / max_code
     inv = safe_inverse(d)
     y = (blocks - mn) * inv + 0.5
+    if fast:  # corners: a zero max or min (sign of zero), overflowing 1/d or d
+        fix = (mn == 0) | (mx == 0) | torch.isinf(inv) | torch.isinf(d)
+        q = y.to(torch.int32).clamp_(max=max_code).to(torch.uint8)
+        return Codes(q, d.to(torch.float16), mn.to(torch.float16), fix=fix,
+                     finite=torch.isfinite(mn) & torch.isfinite(mx))
     q = codes_from_float(y, max_code, inv, d)
     return Codes(q, d.to(torch.float16), mn.to(torch.float16))
 
@@ -184,9 +203,13 @@ def unpack_nibbles(qs: torch.Tensor) -> torch.Tensor:
 
 def pack_high_bits(q: torch.Tensor) -> torch.Tensor:
     """Bit 4 of each of 32 codes -> 4 bytes of a little-endian u32: bit j = bit 4 of q[j]."""
-    bits = ((q >> 4) & 1).to(torch.int32).view(q.shape[0], 4, 8)
-    shifts = torch.arange(8, dtype=torch.int32, device=q.device)
-    return (bits << shifts).sum(dim=2).to(torch.uint8)
+    bits = ((q >> 4) & 1).view(q.shape[0], 4, 8)
+    # an OR chain, not a sum over the last dim: elementwise, so torch.compile fuses it (a small integer
+    # reduction made Q5 packing 7x slower)
+    out = bits[:, :, 0]
+    for j in range(1, 8):
+        out = out | (bits[:, :, j] << j)
+    return out
 
 
 def unpack_high_bits(qh: torch.Tensor) -> torch.Tensor:

@@ -27,26 +27,39 @@ COMPILE_MIN_ELEMENTS = 1 << 20  # below this, compile time is not paid back in o
 EAGER_CHUNK = 1 << 18  # elements per eager step: intermediates stay cache-sized
 COMPILED_CHUNK = 1 << 22  # elements per compiled step: bounds peak memory of the outputs
 
+FORCE_EXACT = False  # tests: run the exact branch-free rules (the CUDA path) on CPU for every block
 _compiled: dict[tuple[str, str], Callable] = {}
 _compile_failed = False
 
 
-def quantize_blocks(f: BlockFormat, blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 [n, B] -> (uint8 [n, type_size] GGUF bytes, bool scalar: every value finite)."""
-    return f.pack(f.encode(blocks)), torch.isfinite(blocks).all()
+def quantize_blocks(f: BlockFormat, blocks: torch.Tensor):
+    """fp32 [n, B] -> uint8 [n, type_size] GGUF bytes (exact rules everywhere)."""
+    return f.pack(f.encode(blocks))
 
 
-def fake_blocks(f: BlockFormat, blocks: torch.Tensor) -> torch.Tensor:
+def fake_blocks(f: BlockFormat, blocks: torch.Tensor):
     """fp32 [n, B] -> fp32 [n, B]: quantized then dequantized, without materializing bytes."""
     return f.decode(f.encode(blocks))
 
 
-def dequantize_blocks(f: BlockFormat, raw: torch.Tensor) -> torch.Tensor:
+def dequantize_blocks(f: BlockFormat, raw: torch.Tensor):
     """uint8 [n, type_size] -> fp32 [n, B]."""
     return f.decode(f.unpack(raw))
 
 
-_KINDS = {"quantize": quantize_blocks, "fake": fake_blocks, "dequantize": dequantize_blocks}
+def quantize_blocks_fast(f: BlockFormat, blocks: torch.Tensor):
+    """Common-case rules only: (bytes, blocks to redo exactly [n, 1], finite blocks [n, 1])."""
+    codes = f.encode(blocks, fast=True)
+    return f.pack(codes), codes.fix, codes.finite
+
+
+def fake_blocks_fast(f: BlockFormat, blocks: torch.Tensor):
+    codes = f.encode(blocks, fast=True)
+    return f.decode(codes), codes.fix, codes.finite
+
+
+_EXACT = {"quantize": quantize_blocks, "fake": fake_blocks, "dequantize": dequantize_blocks}
+_FAST = {"quantize": quantize_blocks_fast, "fake": fake_blocks_fast, "dequantize": dequantize_blocks}
 
 
 def compile_enabled() -> bool:
@@ -61,22 +74,26 @@ def _compiled_kernel(f: BlockFormat, kind: str) -> Callable:
         inductor_config.cpp.enable_floating_point_contract_flag = "off"  # no FMA: exactness depends on it
         # keep fp32 -> fp16 -> fp32 round trips of the scales: by default Inductor elides such casts
         inductor_config.emulate_precision_casts = True
-        fn = _KINDS[kind]
+        fn = _FAST[kind]
         _compiled[key] = torch.compile(lambda x: fn(f, x), dynamic=True, fullgraph=True)
     return _compiled[key]
 
 
-def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor) -> list[torch.Tensor]:
-    """Apply kernel `kind` to `rows` ([R, width]: floats, or bytes for "dequantize") in chunks of whole
-    rows, writing the matching rows of `out`. Returns the per-chunk finite flags of "quantize".
+def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor) -> bool:
+    """Apply kernel `kind` ("quantize", "fake", "dequantize") to `rows` ([R, width]: floats, or bytes for
+    "dequantize") in chunks of whole rows, writing the matching rows of `out`. Returns whether every
+    input value was finite (always True for "dequantize" and on CUDA, which never syncs to check).
 
-    Compiled when on CPU, enabled, and the tensor is large enough; otherwise eager.
+    On CPU: the fast rules (torch.compile'd when enabled and the tensor is large), then the flagged corner
+    blocks redone with the exact rules, so the result is exact. On CUDA: the exact, branch-free rules.
     """
     global _compile_failed
-    use_compiled = rows.device.type == "cpu" and compile_enabled() and rows.numel() >= COMPILE_MIN_ELEMENTS
+    cpu = rows.device.type == "cpu"
+    fast = cpu and not FORCE_EXACT
+    use_compiled = fast and compile_enabled() and rows.numel() >= COMPILE_MIN_ELEMENTS
     step = max(1, (COMPILED_CHUNK if use_compiled else EAGER_CHUNK) // max(1, rows.shape[1]))
     width = f.type_size if kind == "dequantize" else f.block_size
-    flags = []
+    finite = True
     for a in range(0, rows.shape[0], step):
         part = rows[a:a + step]
         part = (part if kind == "dequantize" else part.to(torch.float32)).reshape(-1, width)
@@ -89,9 +106,12 @@ def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor) -> lis
                 warnings.warn(f"qatlm: torch.compile unavailable ({type(e).__name__}: {str(e)[:200]}); "
                               "using eager kernels (identical bytes, slower). Set QATLM_COMPILE=0 to skip trying.")
         if result is None:
-            result = _KINDS[kind](f, part)
-        if kind == "quantize":
-            result, flag = result
-            flags.append(flag)
+            result = (_FAST if fast else _EXACT)[kind](f, part)
+        if isinstance(result, tuple):  # fast rules: redo the flagged corner blocks exactly
+            result, fix, ok = result
+            finite = finite and bool(ok.all())
+            idx = fix.view(-1).nonzero().view(-1)
+            if idx.numel():
+                result[idx] = _EXACT[kind](f, part[idx])
         out[a:a + step] = result.view(min(step, rows.shape[0] - a), -1)
-    return flags
+    return finite

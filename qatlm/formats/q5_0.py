@@ -8,8 +8,8 @@ from ._base import (BlockFormat, Codes, decode_symmetric, encode_symmetric, fp16
 
 
 class Q5_0(BlockFormat):
-    def encode(self, blocks: torch.Tensor) -> Codes:
-        return encode_symmetric(blocks, 16)
+    def encode(self, blocks: torch.Tensor, fast: bool = False) -> Codes:
+        return encode_symmetric(blocks, 16, fast)
 
     def decode(self, codes: Codes) -> torch.Tensor:
         return decode_symmetric(codes, 16)

@@ -8,8 +8,8 @@ from ._base import (BlockFormat, Codes, decode_min, encode_min, fp16_bytes, fp16
 
 
 class Q5_1(BlockFormat):
-    def encode(self, blocks: torch.Tensor) -> Codes:
-        return encode_min(blocks, 31)
+    def encode(self, blocks: torch.Tensor, fast: bool = False) -> Codes:
+        return encode_min(blocks, 31, fast)
 
     def decode(self, codes: Codes) -> torch.Tensor:
         return decode_min(codes)

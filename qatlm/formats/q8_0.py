@@ -17,11 +17,15 @@ def round_half_away(y: torch.Tensor) -> torch.Tensor:
 
 
 class Q8_0(BlockFormat):
-    def encode(self, blocks: torch.Tensor) -> Codes:
-        # max |x| from two cheap reductions; .abs() makes a zero amax +0.0 as C's fabsf does
-        amax = torch.maximum(blocks.amax(dim=1, keepdim=True), -blocks.amin(dim=1, keepdim=True)).abs()
+    def encode(self, blocks: torch.Tensor, fast: bool = False) -> Codes:
+        hi, lo = blocks.amax(dim=1, keepdim=True), blocks.amin(dim=1, keepdim=True)
+        amax = torch.maximum(hi, -lo).abs()  # max |x|; .abs() makes a zero amax +0.0 as C's fabsf does
         d = amax / 127
         inv = safe_inverse(d)
+        if fast:  # corner: an overflowing 1/d (|d| < ~2.9e-39)
+            q = round_half_away(blocks * inv).to(torch.int8)
+            return Codes(q, d.to(torch.float16), fix=torch.isinf(inv),
+                         finite=torch.isfinite(hi) & torch.isfinite(lo))
         y = finite_or_zero(blocks * inv, inv, d)
         return Codes(round_half_away(y).to(torch.int8), d.to(torch.float16))
 
