@@ -28,3 +28,21 @@ def ggml_quantize(w: np.ndarray, name: str) -> np.ndarray:
     n = _LIB.ggml_quantize_chunk(int(qtype), w.ctypes.data, out.ctypes.data, 0, rows, cols, None)
     assert n == out.nbytes, (n, out.nbytes)
     return out
+
+
+def llama_quantize(src, dst, ftype: int) -> None:
+    """llama.cpp's llama-quantize (llama_model_quantize) with no imatrix; requantizing allowed."""
+    p = llama_cpp.llama_model_quantize_default_params()
+    p.ftype = ftype
+    p.nthread = 2
+    p.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(p))
+    assert rc == 0, f"llama_model_quantize({src} -> {dst}, ftype={ftype}) returned {rc}"
+
+
+def tensors_by_name(path):
+    """{name: (type name, raw bytes as uint8 numpy)} of a GGUF file, read with gguf-py."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(path)
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).view(np.uint8).reshape(-1)) for t in r.tensors}

@@ -58,6 +58,8 @@ def _check_weight(w: torch.Tensor, f: BlockFormat, what: str = "tensor") -> None
 
 def _as_tensor(w) -> torch.Tensor:
     if isinstance(w, np.ndarray):
+        if not w.flags.writeable:  # e.g. a memory-mapped GGUF tensor: torch wants writable memory
+            w = np.array(w)
         return torch.from_numpy(np.ascontiguousarray(w))
     if isinstance(w, torch.Tensor):
         return w
