@@ -51,7 +51,8 @@ class Plan:
     def file_type(self) -> int | None:
         return FILE_TYPES.get(self.default)  # llama_ftype written to general.file_type
 
-    def tensor_type(self, name: str, ne: tuple[int, ...], has_output: bool, source_type: str = "f32") -> str:
+    def tensor_type(self, name: str, ne: tuple[int, ...], has_output: bool, source_type: str = "f32",
+                    writable: bool = True) -> str:
         if not is_quantizable(name, ne):
             chosen = source_type  # copied as-is, like llama-quantize
         else:
@@ -64,7 +65,7 @@ class Plan:
         for pattern, t in self.overrides:
             if pattern.search(name):
                 chosen = t
-        if chosen not in WRITABLE and is_quantizable(name, ne):
+        if writable and chosen not in WRITABLE and is_quantizable(name, ne):
             raise ValueError(f"plan {self.name!r}: tensor {name} {tuple(ne)} would be {chosen.upper()}, which qatlm "
                              f"cannot write yet (it writes {', '.join(WRITABLE)}); add an override such as "
                              f"--override '{re.escape(name)}=q8_0'")
@@ -74,10 +75,12 @@ class Plan:
                              f"--override '{re.escape(name)}=f16')")
         return chosen
 
-    def types(self, tensors: list[tuple[str, tuple[int, ...], str]]) -> dict[str, str]:
-        """tensors: (name, ne, source type name) in file order -> {name: planned type name}."""
+    def types(self, tensors: list[tuple[str, tuple[int, ...], str]], writable: bool = True) -> dict[str, str]:
+        """tensors: (name, ne, source type name) in file order -> {name: planned type name}.
+
+        writable=False allows types qatlm cannot write yet (Q6_K for a large model's output), for estimates."""
         has_output = any(n == "output.weight" for n, _, _ in tensors)
-        return {n: self.tensor_type(n, ne, has_output, src) for n, ne, src in tensors}
+        return {n: self.tensor_type(n, ne, has_output, src, writable) for n, ne, src in tensors}
 
 
 def _fallback(t: str, row: int) -> str:

@@ -31,7 +31,7 @@ def dequantize_tensor(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
     F16/BF16/K-quants and the rest through gguf-py's numpy dequantizers."""
     name = type_name(info.ggml_type)
     if info.ggml_type == GGMLQuantizationType.F32:
-        return np.asarray(raw, dtype=np.float32).reshape(info.shape)
+        return np.array(raw, dtype=np.float32).reshape(info.shape)  # a writable copy of the memory map
     if name in formats.names():
         return formats.dequantize(np.asarray(raw).reshape(-1), name, info.shape).numpy()
     return quants.dequantize(np.asarray(raw), info.ggml_type).astype(np.float32, copy=False).reshape(info.shape)

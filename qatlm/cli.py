@@ -1,0 +1,104 @@
+"""The qatlm command line: each command parses its flags and calls one plain function."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from . import __version__
+
+EPILOG = """examples:
+  qatlm plan model.gguf --plan q4_0
+  qatlm quantize model.gguf model-q4_0.gguf --plan q4_0
+  qatlm memory gemma-3-27b --plan q4_0 --ctx 32768
+"""
+
+
+def cmd_plan(a) -> int:
+    from .gguf_io import validate
+    from .memory import _type_bytes
+    from .plans import parse_plan
+
+    info = validate(a.model)
+    plan = parse_plan(a.plan, a.override)
+    types = plan.types([(t.name, t.ne, t.ggml_type.name.lower()) for t in info.tensors])
+    print(f"{'tensor':<34} {'shape (ne)':<16} {'source':>7} {'planned':>8} {'MB':>9}")
+    total = 0.0
+    for t in info.tensors:
+        n = 1
+        for d in t.ne:
+            n *= d
+        b = _type_bytes(types[t.name], n)
+        total += b
+        print(f"{t.name:<34} {'x'.join(map(str, t.ne)):<16} {t.ggml_type.name:>7} {types[t.name].upper():>8} {b / 1e6:>9.3f}")
+    print(f"{len(info.tensors)} tensors, {total / 1e6:.1f} MB of tensor data under plan {a.plan}")
+    return 0
+
+
+def cmd_quantize(a) -> int:
+    from .quantize import quantize_gguf
+
+    out = quantize_gguf(a.model, a.out, a.plan, tuple(a.override))
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+    return 0
+
+
+def cmd_memory(a) -> int:
+    from .memory import memory, to_json
+
+    r = memory(a.model, a.plan, a.ctx, a.kv_type, tuple(a.override))
+    print(r.table())
+    if a.json:
+        from .gguf_io import atomic_write_text
+
+        atomic_write_text(a.json, to_json(r))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qatlm", description="Quantization-aware training that lands exactly on "
+                                 "llama.cpp's GGUF formats.", epilog=EPILOG,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"qatlm {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, fn, help_, example):
+        p = sub.add_parser(name, help=help_, description=f"{help_}\n\nexample:\n  {example}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(fn=fn)
+        return p
+
+    def plan_args(p, default="q4_0"):
+        p.add_argument("--plan", default=default, help="q4_0 | q4_1 | q5_0 | q5_1 | q8_0 | f16 | f32 | pure:<type> "
+                       f"(default {default})")
+        p.add_argument("--override", action="append", default=[], metavar="PATTERN=TYPE",
+                       help="give tensors whose name matches the regex PATTERN this type; repeatable")
+
+    p = add("plan", cmd_plan, "Show which GGUF type each tensor of a GGUF model gets under a plan.",
+            "qatlm plan model.gguf --plan q4_0 --override 'ffn_down=q8_0'")
+    p.add_argument("model", help="a GGUF file")
+    plan_args(p)
+
+    p = add("quantize", cmd_quantize, "Plain PTQ (round to nearest, llama-quantize without imatrix) of a GGUF model.",
+            "qatlm quantize model.gguf model-q4_0.gguf --plan q4_0")
+    p.add_argument("model", help="the source GGUF (any types; dequantized first, as llama.cpp does)")
+    p.add_argument("out", type=Path, help="the GGUF to write (written atomically)")
+    plan_args(p)
+
+    p = add("memory", cmd_memory, "Weight and KV-cache memory of a model under a plan.",
+            "qatlm memory gemma-3-27b --plan q4_0 --ctx 32768 --json mem.json")
+    p.add_argument("model", help="a GGUF file, a Hugging Face directory, or gemma-3-270m|1b|4b|12b|27b")
+    plan_args(p)
+    p.add_argument("--ctx", type=int, default=4096, help="context length for the KV cache (default 4096)")
+    p.add_argument("--kv-type", default="f16", choices=["f16", "bf16", "f32", "q8_0", "q4_0"])
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, OSError) as e:  # user-facing errors: one clear line, no traceback
+        print(f"qatlm {a.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,95 @@
+"""Type plans (llama-quantize's rules) and memory accounting."""
+import json
+
+import pytest
+
+from qatlm.cli import main
+from qatlm.memory import load_shapes, memory
+from qatlm.plans import parse_plan
+
+
+def gemma_tensors(name):
+    return load_shapes(name).tensors
+
+
+def test_q4_0_plan_for_gemma_sizes():
+    for model, out_type in [("gemma-3-270m", "q8_0"), ("gemma-3-1b", "q8_0"), ("gemma-3-4b", "q6_k"),
+                            ("gemma-3-27b", "q6_k")]:
+        types = parse_plan("q4_0").types(gemma_tensors(model), writable=False)
+        assert types["token_embd.weight"] == out_type, model  # tied output: Q6_K unless 256 doesn't divide
+        assert types["blk.0.attn_q.weight"] == "q4_0" and types["blk.0.ffn_down.weight"] == "q4_0"
+        assert types["blk.0.attn_norm.weight"] == "f32" and types["output_norm.weight"] == "f32"
+
+
+def test_other_plans_and_overrides():
+    t = gemma_tensors("gemma-3-270m")
+    assert parse_plan("q8_0").types(t)["token_embd.weight"] == "q8_0"
+    assert set(parse_plan("pure:q4_0").types(t).values()) == {"q4_0", "f32"}
+    assert parse_plan("f16").types(t)["token_embd.weight"] == "f16"
+    assert parse_plan("q5_0").types(t)["blk.3.ffn_up.weight"] == "q5_0"
+    types = parse_plan("q4_0", ["ffn_down=q8_0", r"blk\.0\..*=f16"]).types(t)
+    assert types["blk.1.ffn_down.weight"] == "q8_0" and types["blk.0.attn_q.weight"] == "f16"
+
+
+def test_plan_errors():
+    with pytest.raises(ValueError, match="unknown plan 'q3_x'.*q4_0"):
+        parse_plan("q3_x")
+    with pytest.raises(ValueError, match="PATTERN=TYPE"):
+        parse_plan("q4_0", ["ffn_down"])
+    with pytest.raises(ValueError, match="cannot write yet.*override"):
+        parse_plan("q4_0").types(gemma_tensors("gemma-3-4b"))  # Q6_K output
+    with pytest.raises(ValueError, match="not a multiple of Q4_0's block"):
+        parse_plan("q4_0").types([("blk.0.ffn_up.weight", (48, 8), "f32")])
+    assert parse_plan("q4_k".replace("k", "0")).default == "q4_0"
+
+
+def test_synthesized_shapes_match_the_real_gguf(gemma_gguf):
+    real = [(n, tuple(ne)) for n, ne, _ in load_shapes(str(gemma_gguf)).tensors]
+    synth = [(n, ne) for n, ne, _ in load_shapes("gemma-3-270m").tensors]
+    assert sorted(real) == sorted(synth)
+
+
+def test_memory_matches_written_file(gemma_gguf, session_tmp):
+    """weights_bytes = the tensor data of the file `qatlm quantize` writes for the same plan."""
+    from qatlm.gguf_io import validate
+    from qatlm.quantize import quantize_gguf
+
+    path = session_tmp / "qatlm_q4_0.gguf"
+    if not path.exists():
+        quantize_gguf(gemma_gguf, path, "q4_0", progress=False)
+    assert memory(str(gemma_gguf), "q4_0").weights_bytes == sum(t.nbytes for t in validate(path).tensors)
+
+
+def test_gemma3_published_figures():
+    """bf16 weights: 54 / 24 / 8 / 2 GB (27B/12B/4B/1B, text weights, GB = 1e9), as Google quotes them."""
+    for model, gb in [("gemma-3-27b", 54), ("gemma-3-12b", 24), ("gemma-3-4b", 8), ("gemma-3-1b", 2)]:
+        assert round(memory(model, "bf16").weights_bytes / 1e9) == gb
+    assert round(memory("gemma-3-1b", "int4").weights_bytes / 1e9, 1) == 0.5
+    # the Gemma 3 report's int4 blocks=32 row for 27B: 15.3 GB; every weight at Q4_0 (4.5 bits): 15.2
+    assert round(memory("gemma-3-27b", "pure:q4_0").weights_bytes / 1e9, 1) == 15.2
+
+
+def test_kv_cache_sliding_window():
+    # 270M: 18 layers, 1 KV head of 256, window 512; layers 5, 11, 17 global
+    per_token_layer = 2 * 1 * 256 * 2
+    r = memory("gemma-3-270m", "q4_0", ctx=4096)
+    assert r.kv_bytes == per_token_layer * (3 * 4096 + 15 * 512)
+    assert memory("gemma-3-270m", "q4_0", ctx=100).kv_bytes == per_token_layer * 18 * 100
+
+
+def test_memory_cli_json(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    assert main(["memory", "gemma-3-27b", "--plan", "q4_0", "--ctx", "32768", "--json", str(out)]) == 0
+    j = json.loads(out.read_text())
+    assert j["weights_bytes"] > 15e9 and j["kv_bytes"] > 0 and "q6_k" in j["by_type"]
+    assert "vision tower" in capsys.readouterr().out
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert main(["memory", "no-such-model"]) == 2
+    assert "shipped model name" in capsys.readouterr().err
+    assert main(["quantize", str(tmp_path / "missing.gguf"), str(tmp_path / "o.gguf")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "example" in capsys.readouterr().out
