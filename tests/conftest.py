@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ggml_ref.py and other helpers
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub: everything is built or bundled
 
 
 @pytest.fixture(scope="session")
