@@ -55,6 +55,34 @@ def cmd_memory(a) -> int:
     return 0
 
 
+def cmd_eval(a) -> int:
+    from .evaluate import evaluate, to_dict
+
+    r = evaluate(a.model, a.data, a.ctx, a.chunks, a.engine, a.plan, a.kld_base, a.threads)
+    print(r.line())
+    if r.kld:
+        k = r.kld
+        print("KLD percentiles: " + ", ".join(f"{n} {v:.5f}" for n, v in k["kld_percentiles"].items()))
+        print("dp percentiles:  " + ", ".join(f"{n} {100 * v:+.3f}%" for n, v in k["dp_percentiles"].items()))
+    if a.json:
+        import json
+
+        from .gguf_io import atomic_write_text
+
+        atomic_write_text(a.json, json.dumps(to_dict(r), indent=1))
+    return 0
+
+
+def cmd_compare(a) -> int:
+    from .report import compare
+
+    r = compare(a.teacher, a.models, a.data, a.out, a.ctx, a.chunks, a.engine, a.ptq, a.qat, a.threads)
+    print(r["markdown"])
+    if a.out:
+        print(f"report: {a.out}/report.md, report.json, report.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qatlm", description="Quantization-aware training that lands exactly on "
                                  "llama.cpp's GGUF formats.", epilog=EPILOG,
@@ -92,6 +120,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, default=4096, help="context length for the KV cache (default 4096)")
     p.add_argument("--kv-type", default="f16", choices=["f16", "bf16", "f32", "q8_0", "q4_0"])
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
+
+    def eval_args(p):
+        p.add_argument("--data", required=True, help="a UTF-8 text file, read verbatim (one trailing newline dropped)")
+        p.add_argument("--ctx", type=int, default=512, help="context per chunk (default 512, like llama-perplexity)")
+        p.add_argument("--chunks", type=int, help="evaluate at most this many chunks")
+        p.add_argument("--engine", default="torch", choices=["torch", "llama.cpp"])
+        p.add_argument("--threads", type=int, help="CPU threads (default: all)")
+
+    p = add("eval", cmd_eval, "Perplexity (and KL-divergence) exactly as llama-perplexity computes it.",
+            "qatlm eval model.gguf --data tempest.txt --engine llama.cpp --chunks 6 --kld-base teacher.gguf")
+    p.add_argument("model", help="a GGUF file, a Hugging Face directory, or 'bundled'")
+    eval_args(p)
+    p.add_argument("--plan", help="torch engine: simulate this type plan with fake quant (e.g. q4_0)")
+    p.add_argument("--kld-base", help="also report KL-divergence statistics against this model")
+    p.add_argument("--json", type=Path, help="also write the result as JSON here")
+
+    p = add("compare", cmd_compare, "Compare models against a teacher: PPL, KLD, size, share of the PTQ drop removed.",
+            "qatlm compare --teacher teacher.gguf --ptq ptq.gguf --qat qat.gguf --data text.txt --out report/")
+    p.add_argument("models", nargs="*", help="models to compare (GGUF files for the llama.cpp engine)")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--ptq", help="the plain-PTQ model (with --qat: report the share of the PTQ drop removed)")
+    p.add_argument("--qat", help="the QAT model")
+    p.add_argument("--out", type=Path, help="write report.md, report.json and report.png here")
+    eval_args(p)
+    p.set_defaults(engine="llama.cpp")
     return ap
 
 

@@ -53,7 +53,11 @@ def encode_tensor(name: str, w: np.ndarray | torch.Tensor, type_name_: str) -> O
 
 def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, plan: str = "q4_0",
                   overrides: tuple[str, ...] = (), progress: bool = True) -> Path:
-    """Quantize GGUF `src` to `dst` following `plan`. Returns dst. See module docstring."""
+    """Quantize GGUF `src` (or "bundled") to `dst` following `plan`. Returns dst. See module docstring."""
+    if str(src) == "bundled":
+        from .models import bundled_gguf
+
+        src = bundled_gguf()
     info, reader = open_gguf(src)
     p = parse_plan(plan, overrides)
     types = p.types([(t.name, t.ne, type_name(t.ggml_type)) for t in info.tensors])
