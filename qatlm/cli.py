@@ -11,6 +11,9 @@ EPILOG = """examples:
   qatlm plan model.gguf --plan q4_0
   qatlm quantize model.gguf model-q4_0.gguf --plan q4_0
   qatlm memory gemma-3-27b --plan q4_0 --ctx 32768
+  qatlm eval model.gguf --data text.txt --engine llama.cpp
+  qatlm train --teacher bundled --data texts/ --plan q4_0 --steps 200 --out runs/q4
+  qatlm export runs/q4 runs/q4/qat-q4_0.gguf --hf runs/q4/qat-hf
 """
 
 
@@ -83,6 +86,53 @@ def cmd_compare(a) -> int:
     return 0
 
 
+def _parse_set(items: list[str]) -> dict:
+    import yaml
+
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: use KEY=VALUE, e.g. --set lr=2e-5")
+        k, v = item.split("=", 1)
+        out[k.strip().replace("-", "_")] = yaml.safe_load(v)
+    return out
+
+
+def cmd_train(a) -> int:
+    from .train import TrainConfig, train
+
+    if a.resume:
+        import yaml
+
+        cfg_file = Path(a.resume) / "config.yaml"
+        if not cfg_file.is_file():
+            raise ValueError(f"{a.resume}: no config.yaml; --resume takes the run directory of an earlier `qatlm train`")
+        cfg = TrainConfig(**{**yaml.safe_load(cfg_file.read_text()), **_parse_set(a.set)})
+        cfg.validate()
+        run = train(cfg, resume=True)
+    else:
+        cfg = TrainConfig.from_sources(a.config, teacher=a.teacher, data=a.data or None, out=a.out, plan=a.plan,
+                                       steps=a.steps, lr=a.lr, seq_len=a.seq_len, batch_size=a.batch_size,
+                                       grad_accum=a.grad_accum, save_every=a.save_every, seed=a.seed,
+                                       **_parse_set(a.set))
+        run = train(cfg)
+    print(f"run directory: {run} (checkpoint.pt, metrics.jsonl, config.yaml); export with: qatlm export {run} OUT.gguf")
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .export import export_gguf, export_hf
+    from .train import load_run
+
+    cfg, t, student = load_run(a.run)
+    out = export_gguf(student, a.out, cfg.plan, tuple(cfg.overrides), source_gguf=t.gguf_path,
+                      hf_dir=None if t.gguf_path else t.hf_dir)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB, plan {cfg.plan})")
+    if a.hf:
+        print(f"wrote {export_hf(student, t.tokenizer, a.hf)} (unquantized QAT checkpoint)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qatlm", description="Quantization-aware training that lands exactly on "
                                  "llama.cpp's GGUF formats.", epilog=EPILOG,
@@ -145,6 +195,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write report.md, report.json and report.png here")
     eval_args(p)
     p.set_defaults(engine="llama.cpp")
+
+    p = add("train", cmd_train, "Distillation QAT: train a fake-quantized student against its teacher.",
+            "qatlm train --teacher bundled --data texts/ --plan q4_0 --steps 200 --out runs/q4")
+    p.add_argument("--teacher", help="a .gguf, a Hugging Face directory, or 'bundled' (default)")
+    p.add_argument("--data", nargs="+", help="training .txt/.jsonl/.parquet files or folders")
+    p.add_argument("--out", help="the run directory (default runs/qat)")
+    p.add_argument("--plan", help="type plan to train for (default q4_0)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--config", help="a YAML file of TrainConfig fields; flags override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other TrainConfig field")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+
+    p = add("export", cmd_export, "Export a training run: the QAT GGUF, and optionally the unquantized checkpoint.",
+            "qatlm export runs/q4 runs/q4/qat-q4_0.gguf --hf runs/q4/qat-hf")
+    p.add_argument("run", help="a run directory of `qatlm train`")
+    p.add_argument("out", type=Path, help="the GGUF to write")
+    p.add_argument("--hf", type=Path, help="also write the unquantized QAT checkpoint (HF safetensors) here")
     return ap
 
 
@@ -152,6 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, OSError) as e:  # user-facing errors: one clear line, no traceback
+    except (ValueError, OSError, FloatingPointError) as e:  # user-facing errors: one clear line, no traceback
         print(f"qatlm {a.command}: error: {e}", file=sys.stderr)
         return 2

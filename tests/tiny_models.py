@@ -40,3 +40,24 @@ def tiny_llama(out: Path, seed: int = 0) -> Path:
                 p.normal_(0, 0.08)
     model.save_pretrained(out, safe_serialization=True)
     return out
+
+
+def tiny_gemma3(out: Path, seed: int = 0) -> Path:
+    """A 2-layer Gemma 3 text model (one sliding, one global layer; tied embeddings)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out.mkdir(parents=True, exist_ok=True)
+    tok = tiny_tokenizer(out)
+    cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=256,
+                           sliding_window=16, layer_types=["sliding_attention", "full_attention"],
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+                           query_pre_attn_scalar=32)
+    torch.manual_seed(seed)
+    model = Gemma3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(out, safe_serialization=True)
+    return out

@@ -1,0 +1,129 @@
+"""Distillation QAT on tiny models built here, and the PTQ-exact start on the real Gemma 3 270M."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+import qatlm.formats as F
+from qatlm.cli import main
+from qatlm.export import export_gguf, gguf_tensors
+from qatlm.train import TrainConfig, load_run, train
+from ggml_ref import tensors_by_name
+from tiny_models import TEXT, tiny_gemma3, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    data = root / "train.txt"
+    data.write_text(TEXT * 3)
+    return {"llama": tiny_llama(root / "llama"), "gemma3": tiny_gemma3(root / "gemma3"), "data": data, "root": root}
+
+
+def cfg_for(tiny, arch, out, **kw):
+    base = dict(teacher=str(tiny[arch]), data=[str(tiny["data"])], out=str(out), steps=30, seq_len=32, batch_size=4,
+                lr=3e-4, warmup=2, save_every=100, plan="q4_0")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def kls(run):
+    return [json.loads(line)["kl"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_loss_falls(tiny, tmp_path, arch):
+    run = train(cfg_for(tiny, arch, tmp_path / "run"), progress=False)
+    k = kls(run)
+    assert len(k) == 30 and np.mean(k[-5:]) < 0.6 * k[0], k
+
+
+def test_resume_is_bit_identical(tiny, tmp_path):
+    """Killed after a checkpoint and resumed == uninterrupted: the exported GGUFs are byte-identical."""
+    straight = train(cfg_for(tiny, "llama", tmp_path / "a", steps=12, save_every=4), progress=False)
+    cut = cfg_for(tiny, "llama", tmp_path / "b", steps=12, save_every=4)
+    train(cut, progress=False, stop_after=6)  # stops after step 6; the last checkpoint is step 4
+    (tmp_path / "b" / "checkpoint.pt").touch()
+    assert main(["train", "--resume", str(tmp_path / "b")]) == 0
+    assert kls(straight) == kls(tmp_path / "b")
+    outs = []
+    for run in (tmp_path / "a", tmp_path / "b"):
+        assert main(["export", str(run), str(run / "qat.gguf")]) == 0
+        outs.append(tensors_by_name(run / "qat.gguf"))
+    a, b = outs
+    assert a.keys() == b.keys() and all(a[n][0] == b[n][0] and np.array_equal(a[n][1], b[n][1]) for n in a)
+
+
+def test_export_equals_students_fake_quant(tiny, tmp_path):
+    run = train(cfg_for(tiny, "llama", tmp_path / "run", steps=5), progress=False)
+    cfg, t, student = load_run(run)
+    out = export_gguf(student, tmp_path / "qat.gguf", cfg.plan, hf_dir=t.hf_dir, progress=False)
+    latent = dict(gguf_tensors(student, "llama"))
+    n_quant = 0
+    for rt in GGUFReader(out).tensors:
+        typ, w = rt.tensor_type.name.lower(), latent[rt.name]
+        if typ in F.names():
+            n_quant += 1
+            deq = F.dequantize(np.asarray(rt.data).reshape(-1), typ, w.shape)
+            assert torch.equal(deq, F.fake_quant(w.reshape(-1, w.shape[-1]), typ).reshape(w.shape))
+    assert n_quant == 2 * 7 + 2  # 7 linear weights per layer, embedding and output
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(tiny, tmp_path, monkeypatch):
+    import qatlm.train as T
+
+    real = T.kd_loss
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss, parts = real(*a, **k)
+        return (loss * float("nan") if calls["n"] == 5 else loss), parts
+
+    monkeypatch.setattr(T, "kd_loss", poisoned)
+    cfg = cfg_for(tiny, "llama", tmp_path / "run", steps=10, save_every=2)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 5.*\(step 4\) is kept.*--resume"):
+        train(cfg, progress=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 4
+
+
+def test_empty_data_is_refused(tiny, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no training files"):
+        train(cfg_for(tiny, "llama", tmp_path / "run", data=[str(empty)]), progress=False)
+
+
+def test_snap_starts_exactly_at_ptq_and_off_the_boundaries(gemma_gguf):
+    """The quantized-teacher trap (Gemma 3 270M: Q5_0 tensors on Q4_0 boundaries): after the snap, every
+    weight quantizes to exactly its PTQ value, and a tiny update no longer flips codes."""
+    from qatlm.fakequant import snap_toward_grid_
+    from qatlm.models import load_teacher
+    from qatlm.simulate import plan_types
+
+    model = load_teacher(gemma_gguf).model
+    types = plan_types(model, "q4_0")
+    name = "model.layers.0.mlp.gate_proj.weight"  # stored as Q5_0 in the teacher file
+    assert types[name] == "q4_0"
+    w0 = dict(model.named_parameters())[name].detach().clone()
+
+    def flips(w):
+        bump = w * (1 + 1e-6 * torch.sign(torch.randn(w.shape, generator=torch.Generator().manual_seed(0))))
+        return float((F.fake_quant(bump, "q4_0") != F.fake_quant(w, "q4_0")).float().mean())
+
+    before = flips(w0)
+
+    def ptq_values():
+        return {n: F.fake_quant(p.detach().reshape(-1, p.shape[-1]), types[n])
+                for n, p in model.named_parameters() if types[n] in F.names()}
+
+    ptq = ptq_values()
+    assert snap_toward_grid_(model, "q4_0") > 1_000_000
+    w1 = dict(model.named_parameters())[name].detach()
+    assert not torch.equal(w1, w0)
+    after = ptq_values()
+    assert all(torch.equal(after[n], ptq[n]) for n in ptq)  # the student starts exactly at PTQ
+    assert before > 0.1 and flips(w1) == 0.0, (before, flips(w1))
