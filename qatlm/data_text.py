@@ -3,7 +3,7 @@
 Sources: .txt files (one document each), .jsonl (a "text" field, or chat "messages" rendered with the
 tokenizer's chat template), .parquet (a "text" column); a directory means every such file in it, sorted.
 Each document is tokenized once (BOS first when the tokenizer has one, EOS last), the stream is cut into
-blocks of seq_len, and a seeded permutation sets heldout_fraction of the blocks aside. Token ids are cached
+blocks of seq_len whose first token is replaced by BOS, and a seeded permutation sets heldout_fraction of the blocks aside. Token ids are cached
 per file (keyed by the file's content and the tokenizer) so a resumed or repeated run does not re-tokenize.
 """
 from __future__ import annotations
@@ -99,6 +99,8 @@ def load_blocks(paths: list[str], tokenizer, seq_len: int, heldout_fraction: flo
         raise ValueError(f"{len(stream)} tokens in {len(files)} files: fewer than 2 blocks of seq_len {seq_len}; "
                          "give more text or a smaller seq_len")
     blocks = torch.from_numpy(stream[: n * seq_len].reshape(n, seq_len).copy())
+    if tokenizer.bos_token_id is not None:  # every block starts like a document (llama-perplexity does the same
+        blocks[:, 0] = tokenizer.bos_token_id  # to its chunks); Gemma in particular degrades badly without BOS
     perm = np.random.default_rng(seed).permutation(n)
     n_held = max(1, int(round(n * heldout_fraction))) if heldout_fraction > 0 else 0
     held, train = perm[:n_held], np.sort(perm[n_held:])
