@@ -4,8 +4,9 @@ Both models run their transformer body once; the output projection, softmax and 
 `chunk` positions at a time in one fused autograd function that also forms the gradient there (see
 _FusedHeadKD), so a 262k vocabulary never holds [batch, seq, vocab] logits: per chunk [chunk, vocab]. The
 student's output weight is fake-quantized once per step and shared by all chunks. This is our own code
-because autograd through log_softmax keeps several vocabulary-sized tensors alive and recomputes them;
-the fused version halves the step time on the 270M model (benchmarks/kd_step.py).
+because autograd through log_softmax keeps several vocabulary-sized tensors alive (3.1x the peak memory of
+this version on a 1024-token step of the 270M model, benchmarks/kd_step.py) or, under checkpointing,
+recomputes them (1.7x the step time of this version, measured while developing).
 
     loss = T^2 * KL(softmax(z_t / T) || softmax(z_s / T))   averaged over positions
            + ce_weight * cross-entropy(z_s, next token)
