@@ -133,6 +133,16 @@ def cmd_export(a) -> int:
     return 0
 
 
+def cmd_run(a) -> int:
+    from .run import run_job
+
+    kw = {k: v for k, v in dict(out=a.out, teacher=a.teacher, data=a.data, eval_text=a.eval_text, ood=a.ood,
+                                plan=a.plan, budget_minutes=a.budget_minutes, steps=a.steps, lr=a.lr,
+                                eval_chunks=a.eval_chunks, config=a.config).items() if v is not None}
+    run_job(**kw)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="qatlm", description="Quantization-aware training that lands exactly on "
                                  "llama.cpp's GGUF formats.", epilog=EPILOG,
@@ -195,6 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="write report.md, report.json and report.png here")
     eval_args(p)
     p.set_defaults(engine="llama.cpp")
+
+    p = add("run", cmd_run, "The whole job: teacher, PTQ, QAT, export (GGUF, HF, Modelfile) and the report. "
+            "Run it again to resume.", "qatlm run --budget-minutes 9 --out runs/default")
+    p.add_argument("--out", help="output directory (default runs/default)")
+    p.add_argument("--teacher", help="default: bundled (Gemma 3 270M)")
+    p.add_argument("--data", nargs="+", help="training files/folders (default: Shakespeare minus the held-out play)")
+    p.add_argument("--eval-text", help="in-domain evaluation text, held out from training")
+    p.add_argument("--ood", help="out-of-domain evaluation text (default: the GPL-3 text shipped with qatlm)")
+    p.add_argument("--plan", help="default q4_0")
+    p.add_argument("--budget-minutes", type=float, help="training time budget (default 9)")
+    p.add_argument("--steps", type=int, help="at most this many steps (default 400; the budget usually decides)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--eval-chunks", type=int, help="chunks of 512 tokens per evaluation (default 6)")
+    p.add_argument("--config", help="a YAML of TrainConfig fields")
 
     p = add("train", cmd_train, "Distillation QAT: train a fake-quantized student against its teacher.",
             "qatlm train --teacher bundled --data texts/ --plan q4_0 --steps 200 --out runs/q4")

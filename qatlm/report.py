@@ -57,7 +57,9 @@ def compare(teacher: str, models: list[str], data: str, out: str | Path | None =
                                "kld_stats": {kk: v for kk, v in k.items() if kk != "values"}})
     by_role = {row["role"]: row for row in result["rows"]}
     if "ptq" in by_role and "qat" in by_role:
-        result["share_of_ptq_drop_removed"] = share_removed(ppl_t, by_role["ptq"]["ppl"], by_role["qat"]["ppl"])
+        drop = by_role["ptq"]["ppl"] > ppl_t
+        result["share_of_ptq_drop_removed"] = (share_removed(ppl_t, by_role["ptq"]["ppl"], by_role["qat"]["ppl"])
+                                               if drop else None)
     result["markdown"] = markdown(result)
     if out is not None:
         out = Path(out)
@@ -78,8 +80,11 @@ def markdown(result: dict) -> str:
         bpw = f"{r['bits_per_weight']:.3f}" if r["bits_per_weight"] else "-"
         lines.append(f"| {r['role']} | `{Path(r['model']).name}` | {r['ppl']:.4f} ± {r['ppl_err']:.4f} | "
                      f"{r['delta_ppl']:+.4f} | {kld} | {top} | {size} | {bpw} |")
-    if "share_of_ptq_drop_removed" in result:
-        lines += ["", f"Share of the PTQ perplexity drop removed by QAT: **{100 * result['share_of_ptq_drop_removed']:.1f}%**"]
+    share = result.get("share_of_ptq_drop_removed", "absent")
+    if share is None:
+        lines += ["", "PTQ is not worse than the teacher on this text: there is no perplexity drop to remove."]
+    elif share != "absent":
+        lines += ["", f"Share of the PTQ perplexity drop removed by QAT: **{100 * share:.1f}%**"]
     return "\n".join(lines) + "\n"
 
 

@@ -57,6 +57,7 @@ class TrainConfig:
     save_every: int = 50  # checkpoint every N steps (and at the end)
     seed: int = 0
     threads: int | None = None  # CPU threads (default: torch's)
+    budget_minutes: float | None = None  # if set: after step 2, cap `steps` to what fits (step 2's time)
 
     def validate(self) -> None:
         if self.steps < 1 or self.seq_len < 8 or self.batch_size < 1 or self.grad_accum < 1:
@@ -197,6 +198,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             if bar is not None:
                 bar.update()
                 bar.set_postfix(kl=f"{kl:.4f}", ce=f"{ce:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if cfg.budget_minutes and step == 2 and not resume:  # step 1 includes one-time compile costs
+                fit = max(2, int(cfg.budget_minutes * 60 / dt))
+                if fit < cfg.steps:
+                    cfg.steps = fit  # the schedule's length; saved so that a resumed run keeps it
+                    atomic_write_text(run / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+                    if bar is not None:
+                        bar.total = fit
             if step % cfg.save_every == 0 or step == cfg.steps:
                 _save_checkpoint(run, student, opt, step)
             if stop_after is not None and step >= stop_after:
