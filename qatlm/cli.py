@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ EPILOG = """examples:
 
 def cmd_plan(a) -> int:
     from .gguf_io import validate
-    from .memory import _type_bytes
+    from .memory import type_bytes
     from .plans import parse_plan
 
     info = validate(a.model)
@@ -28,10 +29,7 @@ def cmd_plan(a) -> int:
     print(f"{'tensor':<34} {'shape (ne)':<16} {'source':>7} {'planned':>8} {'MB':>9}")
     total = 0.0
     for t in info.tensors:
-        n = 1
-        for d in t.ne:
-            n *= d
-        b = _type_bytes(types[t.name], n)
+        b = type_bytes(types[t.name], math.prod(t.ne))
         total += b
         print(f"{t.name:<34} {'x'.join(map(str, t.ne)):<16} {t.ggml_type.name:>7} {types[t.name].upper():>8} {b / 1e6:>9.3f}")
     print(f"{len(info.tensors)} tensors, {total / 1e6:.1f} MB of tensor data under plan {a.plan}")

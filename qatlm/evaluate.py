@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -158,8 +158,7 @@ class LlamaCppEngine:
 
     def logprobs(self, chunk: list[int]) -> torch.Tensor:
         n = len(chunk)
-        self.llm.reset()
-        self.llm._ctx.kv_cache_clear() if hasattr(self.llm._ctx, "kv_cache_clear") else None
+        self.llm.reset()  # eval() then drops the KV cache past position 0: each chunk starts empty
         self.llm.eval(chunk)
         logits = torch.from_numpy(np.array(self.llm.scores[n // 2:n - 1], dtype=np.float32))
         return torch.log_softmax(logits, dim=-1)

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from gguf import MODEL_ARCH, GGUFValueType, get_tensor_name_map
 
-from .gguf_io import OutTensor, copy_fields, field_value, open_gguf, write_gguf
+from .gguf_io import OutTensor, copy_fields, open_gguf, write_gguf
 from .models import SUPPORTED, save_state_dict
 from .plans import parse_plan
 from .quantize import encode_tensor

@@ -15,6 +15,7 @@ replaced by a complete one.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 import tempfile
@@ -115,12 +116,21 @@ def validate(path: str | os.PathLike) -> GGUFInfo:
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"{path}: no such file")
-    with open(path, "rb") as fh:
-        data = fh.read()  # header walk only; tensor data is memory-mapped later by gguf-py
-    c = _Cursor(memoryview(data), path)
-    size = len(data)
-    if size < 4 or data[:4] != b"GGUF":
-        raise c.fail(f"magic is {data[:4]!r}, expected b'GGUF'")
+    size = path.stat().st_size
+    if size == 0:
+        raise GGUFError(f"{path}: not a valid GGUF file: the file is empty. Re-download or re-export the file.")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        # memory-mapped: only the header pages are read, however large the tensor data is
+        view = memoryview(data)
+        try:
+            return _walk(_Cursor(view, path), view, size, path)
+        finally:
+            view.release()
+
+
+def _walk(c: "_Cursor", data: memoryview, size: int, path: Path) -> GGUFInfo:
+    if size < 4 or bytes(data[:4]) != b"GGUF":
+        raise c.fail(f"magic is {bytes(data[:4])!r}, expected b'GGUF'")
     c.pos = 4
     version = c.unpack("I", "version")
     if version not in (2, 3):

@@ -17,6 +17,7 @@ and `int4` (4 bits/weight: the per-channel int4 of the Gemma 3 report, not a lla
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -103,7 +104,7 @@ def load_shapes(model: str) -> ModelShapes:
     raise ValueError(f"{model!r} is neither a file, a directory nor a shipped model name ({', '.join(SHIPPED)})")
 
 
-def _type_bytes(t: str, n: int) -> float:
+def type_bytes(t: str, n: int) -> float:
     if t == "bf16":
         return 2 * n
     if t == "int4":
@@ -156,10 +157,8 @@ def memory(model: str, plan: str = "q4_0", ctx: int = 4096, kv_type: str = "f16"
                                                    for n, ne, src in s.tensors], writable=False)
     total = params = 0
     for n, ne, _ in s.tensors:
-        count = 1
-        for d in ne:
-            count *= d
-        b = _type_bytes(types[n], count)
+        count = math.prod(ne)
+        b = type_bytes(types[n], count)
         r = by_type.setdefault(types[n], {"tensors": 0, "params": 0, "bytes": 0})
         r["tensors"] += 1
         r["params"] += count

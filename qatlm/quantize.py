@@ -19,7 +19,7 @@ from gguf import GGMLQuantizationType, GGUFValueType, quants
 
 from . import formats
 from .gguf_io import OutTensor, TensorInfo, field_value, open_gguf, copy_fields, write_gguf
-from .plans import parse_plan
+from .plans import is_quantizable, parse_plan
 
 
 def type_name(t: GGMLQuantizationType) -> str:
@@ -72,7 +72,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, plan: str = "q
             it = tqdm(list(it), desc=f"quantize {Path(src).name} -> {plan}", unit="tensor")
         for ti, rt in it:
             want = types[ti.name]
-            if want == type_name(ti.ggml_type) and not _quantizable(ti):
+            if want == type_name(ti.ggml_type) and not is_quantizable(ti.name, ti.ne):
                 yield OutTensor(ti.name, np.asarray(rt.data), ti.ggml_type)  # copied as-is
             else:
                 yield encode_tensor(ti.name, dequantize_tensor(ti, rt.data), want)
@@ -85,7 +85,3 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, plan: str = "q
 
     return write_gguf(dst, arch, metadata, tensors())
 
-
-def _quantizable(ti: TensorInfo) -> bool:
-    from .plans import is_quantizable
-    return is_quantizable(ti.name, ti.ne)

@@ -7,6 +7,7 @@ When a PTQ model and a QAT model are both given, the share of the PTQ perplexity
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from .evaluate import evaluate, to_dict
@@ -28,7 +29,7 @@ def _bits_per_weight(path: str) -> tuple[float | None, float | None]:
     from .gguf_io import validate
 
     info = validate(p)
-    n = sum(int(__import__("math").prod(t.ne)) for t in info.tensors)
+    n = sum(math.prod(t.ne) for t in info.tensors)
     data = sum(t.nbytes for t in info.tensors)
     return p.stat().st_size / 1e6, 8 * data / n
 
