@@ -23,6 +23,10 @@ def cmd_plan(a) -> int:
     from .memory import type_bytes
     from .plans import parse_plan
 
+    if a.model == "bundled":
+        from .models import bundled_gguf
+
+        a.model = bundled_gguf()
     info = validate(a.model)
     plan = parse_plan(a.plan, a.override)
     types = plan.types([(t.name, t.ne, t.ggml_type.name.lower()) for t in info.tensors])

@@ -82,6 +82,10 @@ def load_shapes(model: str) -> ModelShapes:
     if model in SHIPPED:
         c = json.loads(resources.files("qatlm.configs").joinpath(f"{model}.json").read_text())
         return shapes_from_config(model, c)
+    if model == "bundled":
+        from .models import bundled_gguf
+
+        model = str(bundled_gguf())
     p = Path(model)
     if p.is_file():
         from .gguf_io import field_value, open_gguf
@@ -154,7 +158,7 @@ def memory(model: str, plan: str = "q4_0", ctx: int = 4096, kv_type: str = "f16"
         types = {n: (plan if is_quantizable(n, ne) else "f32") for n, ne, _ in s.tensors}
     else:
         types = parse_plan(plan, overrides).types([(n, ne, src if src in ("f32", "f16") else "f32")
-                                                   for n, ne, src in s.tensors], writable=False)
+                                                   for n, ne, src in s.tensors])
     total = params = 0
     for n, ne, _ in s.tensors:
         count = math.prod(ne)

@@ -15,7 +15,7 @@ def gemma_tensors(name):
 def test_q4_0_plan_for_gemma_sizes():
     for model, out_type in [("gemma-3-270m", "q8_0"), ("gemma-3-1b", "q8_0"), ("gemma-3-4b", "q6_k"),
                             ("gemma-3-27b", "q6_k")]:
-        types = parse_plan("q4_0").types(gemma_tensors(model), writable=False)
+        types = parse_plan("q4_0").types(gemma_tensors(model))
         assert types["token_embd.weight"] == out_type, model  # tied output: Q6_K unless 256 doesn't divide
         assert types["blk.0.attn_q.weight"] == "q4_0" and types["blk.0.ffn_down.weight"] == "q4_0"
         assert types["blk.0.attn_norm.weight"] == "f32" and types["output_norm.weight"] == "f32"
@@ -36,11 +36,20 @@ def test_plan_errors():
         parse_plan("q3_x")
     with pytest.raises(ValueError, match="PATTERN=TYPE"):
         parse_plan("q4_0", ["ffn_down"])
-    with pytest.raises(ValueError, match="cannot write yet.*override"):
-        parse_plan("q4_0").types(gemma_tensors("gemma-3-4b"))  # Q6_K output
     with pytest.raises(ValueError, match="not a multiple of Q4_0's block"):
         parse_plan("q4_0").types([("blk.0.ffn_up.weight", (48, 8), "f32")])
     assert parse_plan("q4_k".replace("k", "0")).default == "q4_0"
+
+
+def test_q4_k_m_plan_follows_use_more_bits():
+    """Q4_K_M: attn_v / ffn_down of layers i < n/8, i >= 7n/8 or (i - n/8) % 3 == 2 get Q6_K (Gemma 3 4B:
+    34 layers -> 0-3, 6, 9, ..., 27, 29-33), the other weights Q4_K; 2560-wide rows need no fallback."""
+    types = parse_plan("q4_k_m").types(gemma_tensors("gemma-3-4b"))
+    more = [i for i in range(34) if types[f"blk.{i}.ffn_down.weight"] == "q6_k"]
+    assert more == [0, 1, 2, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29, 30, 31, 32, 33]
+    assert [i for i in range(34) if types[f"blk.{i}.attn_v.weight"] == "q6_k"] == more
+    assert types["blk.5.attn_q.weight"] == "q4_k" and types["token_embd.weight"] == "q6_k"
+    assert parse_plan("q4_k_m").file_type == 15 and parse_plan("pure:q4_0").file_type == 2
 
 
 def test_synthesized_shapes_match_the_real_gguf(gemma_gguf):

@@ -47,6 +47,19 @@ def test_q4_0_is_byte_identical_to_llama_quantize(gemma_gguf, f32_gguf, session_
     assert r.fields["general.file_type"].contents() == LLAMA_FTYPE_MOSTLY_Q4_0
 
 
+@pytest.mark.parametrize("plan,ftype", [("q4_k_m", 15), ("q6_k", 18)])
+def test_k_quant_plans_are_byte_identical_to_llama_quantize(gemma_gguf, f32_gguf, session_tmp, plan, ftype):
+    """Q4_K_M (Q4_K, Q6_K on use_more_bits layers of attn_v/ffn_down, fallbacks Q5_0/Q8_0 for 640-wide rows)
+    and Q6_K: every tensor, type and bytes, as llama-quantize writes them."""
+    ref = session_tmp / f"llama_{plan}.gguf"
+    llama_quantize(f32_gguf, ref, ftype)
+    ours = quantize_gguf(f32_gguf, session_tmp / f"qatlm_{plan}.gguf", plan, progress=False)
+    a = assert_same_tensors(ours, ref)
+    used = {t for t, _ in a.values()}
+    assert {"Q4_K", "Q6_K"} <= used if plan == "q4_k_m" else "Q6_K" in used, used
+    assert GGUFReader(ours).fields["general.file_type"].contents() == ftype
+
+
 def test_llamacpp_loads_and_generates(gemma_gguf, session_tmp):
     """llama.cpp loads the Q4_0 file qatlm wrote and generates text from it."""
     import llama_cpp

@@ -18,9 +18,10 @@ import numpy as np
 import torch
 
 from ._base import BlockFormat, Codes
-from . import _kernels, q4_0, q4_1, q5_0, q5_1, q8_0
+from . import _kernels, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q6_k
 
-_REGISTRY: dict[str, BlockFormat] = {m.FORMAT.name: m.FORMAT for m in (q4_0, q4_1, q5_0, q5_1, q8_0)}
+_REGISTRY: dict[str, BlockFormat] = {m.FORMAT.name: m.FORMAT
+                                     for m in (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q6_k)}
 
 __all__ = ["BlockFormat", "Codes", "names", "get", "quantize", "dequantize", "fake_quant", "byte_shape"]
 

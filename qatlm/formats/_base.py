@@ -34,6 +34,8 @@ class Codes(NamedTuple):
     fix: from encode(fast=True) only: [n, 1] bool, blocks where a corner rule may apply (a +a/-a tie,
          a zero max or min, an overflowing 1/d) and whose codes must come from the exact encode instead
     finite: from encode(fast=True) only: [n, 1] bool, block holds no NaN/inf
+    sc, sm: K-quants only: the per-sub-block scale codes [n, sub-blocks] (and Q4_K's minimum codes); for
+         K-quants q holds the codes of all 256 weights and d/m the fp16 super-block scale / minimum scale
     """
 
     q: torch.Tensor
@@ -41,6 +43,8 @@ class Codes(NamedTuple):
     m: torch.Tensor | None = None
     fix: torch.Tensor | None = None
     finite: torch.Tensor | None = None
+    sc: torch.Tensor | None = None
+    sm: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class BlockFormat(ABC):
     ggml_type: int  # gguf.GGMLQuantizationType value
     block_size: int  # weights per block
     type_size: int  # bytes per block
+    compile: bool = True  # run under torch.compile on large CPU tensors (see _kernels)
 
     @property
     def bits_per_weight(self) -> float:

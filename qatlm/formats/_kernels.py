@@ -8,6 +8,8 @@ because Inductor builds C++ with -ffp-contract=off (no FMA; pinned below so an e
 cannot change it) and is told to honour the fp16 rounding of the scales (emulate_precision_casts:
 without it, Inductor drops the fp32 -> fp16 -> fp32 round trip and fake quant drifts off the export). The tests run both the eager and the compiled kernels against libggml byte for byte.
 
+The K-quants (Q4_K, Q6_K) always run eager: their reference searches unroll into graphs of thousands of
+nodes that Inductor takes minutes to compile (162 s for Q4_K, measured) for a 2x gain.
 Small tensors and CUDA use the eager kernels: compiling costs seconds once per process (less with
 Inductor's on-disk cache), and Triton fuses multiply-adds into FMAs by default, which would change
 rounding. QATLM_COMPILE=0 turns compilation off; if compilation itself fails (no C++ compiler), qatlm
@@ -90,7 +92,7 @@ def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor) -> boo
     global _compile_failed
     cpu = rows.device.type == "cpu"
     fast = cpu and not FORCE_EXACT
-    use_compiled = fast and compile_enabled() and rows.numel() >= COMPILE_MIN_ELEMENTS
+    use_compiled = fast and f.compile and compile_enabled() and rows.numel() >= COMPILE_MIN_ELEMENTS
     step = max(1, (COMPILED_CHUNK if use_compiled else EAGER_CHUNK) // max(1, rows.shape[1]))
     width = f.type_size if kind == "dequantize" else f.block_size
     finite = True
