@@ -101,24 +101,45 @@ def _parse_set(items: list[str]) -> dict:
 
 
 def cmd_train(a) -> int:
+    import os
+
+    if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:  # launch ourselves under torchrun
+        import subprocess
+
+        argv, skip = [], False
+        for x in a.argv:
+            if skip:
+                skip = False
+            elif x == "--nproc":
+                skip = True
+            elif not x.startswith("--nproc="):
+                argv.append(x)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.nproc}",
+               "-m", "qatlm", *argv]
+        print("launching: " + " ".join(cmd), file=sys.stderr)
+        return subprocess.run(cmd).returncode
+
     from .train import TrainConfig, train
 
+    lora = {"lora_rank": a.lora} if a.lora is not None else {}
     if a.resume:
         import yaml
 
         cfg_file = Path(a.resume) / "config.yaml"
         if not cfg_file.is_file():
             raise ValueError(f"{a.resume}: no config.yaml; --resume takes the run directory of an earlier `qatlm train`")
-        cfg = TrainConfig(**{**yaml.safe_load(cfg_file.read_text()), **_parse_set(a.set)})
+        cfg = TrainConfig(**{**yaml.safe_load(cfg_file.read_text()), **_parse_set(a.set), **lora})
         cfg.validate()
         run = train(cfg, resume=True)
     else:
         cfg = TrainConfig.from_sources(a.config, teacher=a.teacher, data=a.data or None, out=a.out, plan=a.plan,
                                        steps=a.steps, lr=a.lr, seq_len=a.seq_len, batch_size=a.batch_size,
                                        grad_accum=a.grad_accum, save_every=a.save_every, seed=a.seed,
-                                       **_parse_set(a.set))
+                                       **lora, **_parse_set(a.set))
         run = train(cfg)
-    print(f"run directory: {run} (checkpoint.pt, metrics.jsonl, config.yaml); export with: qatlm export {run} OUT.gguf")
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    print(f"run directory: {run} (checkpoint/, metrics.jsonl, config.yaml); export with: qatlm export {run} OUT.gguf")
     return 0
 
 
@@ -140,7 +161,8 @@ def cmd_run(a) -> int:
 
     kw = {k: v for k, v in dict(out=a.out, teacher=a.teacher, data=a.data, eval_text=a.eval_text, ood=a.ood,
                                 plan=a.plan, budget_minutes=a.budget_minutes, steps=a.steps, lr=a.lr,
-                                eval_chunks=a.eval_chunks, config=a.config).items() if v is not None}
+                                eval_chunks=a.eval_chunks, config=a.config, lora_rank=a.lora).items()
+          if v is not None}
     run_job(**kw)
     return 0
 
@@ -221,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float)
     p.add_argument("--eval-chunks", type=int, help="chunks of 512 tokens per evaluation (default 6)")
     p.add_argument("--config", help="a YAML of TrainConfig fields")
+    p.add_argument("--lora", type=int, metavar="RANK", help="LoRA QAT of this rank instead of full QAT")
 
     p = add("train", cmd_train, "Distillation QAT: train a fake-quantized student against its teacher.",
             "qatlm train --teacher bundled --data texts/ --plan q4_0 --steps 200 --out runs/q4")
@@ -237,7 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--config", help="a YAML file of TrainConfig fields; flags override it")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other TrainConfig field")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped "
+                   "(on any number of processes)")
+    p.add_argument("--lora", type=int, metavar="RANK", help="train LoRA adapters of this rank inside the fake "
+                   "quantizer (frozen base) instead of every weight; merged before export")
+    p.add_argument("--nproc", type=int, help="data-parallel processes: relaunches itself under torchrun (FSDP2; "
+                   "or run `torchrun --nproc-per-node N -m qatlm train ...` yourself)")
 
     p = add("export", cmd_export, "Export a training run: the QAT GGUF, and optionally the unquantized checkpoint.",
             "qatlm export runs/q4 runs/q4/qat-q4_0.gguf --hf runs/q4/qat-hf")
@@ -249,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return a.fn(a)
     except (ValueError, OSError, FloatingPointError) as e:  # user-facing errors: one clear line, no traceback

@@ -49,8 +49,8 @@ class _FusedHeadKD(torch.autograd.Function):
         n = h_s.shape[0]
         grad_h = torch.empty_like(h_s, dtype=torch.float32)
         grad_w = torch.zeros_like(w_s, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        kl_sum = torch.zeros((), dtype=torch.float64)
-        ce_sum = torch.zeros((), dtype=torch.float64)
+        kl_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        ce_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
         T = temperature
         ws, wt = w_s.float(), w_t.float()
         for a in range(0, n, chunk):
@@ -61,7 +61,7 @@ class _FusedHeadKD(torch.autograd.Function):
             p_t = lp_t.exp()
             kl_sum += ((lp_t - lp_s) * p_t).sum().double() * T * T
             valid = tg >= 0
-            rows = torch.arange(len(tg))
+            rows = torch.arange(len(tg), device=tg.device)
             lp1 = lp_s if T == 1.0 else torch.log_softmax(z_s, dim=-1)  # CE is at T = 1: logged always
             ce_sum += -(lp1[rows, tg.clamp(min=0)] * valid).sum().double()
             p1 = lp1.exp() if (ce_scale and T != 1.0) else None

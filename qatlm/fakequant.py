@@ -22,13 +22,21 @@ from .simulate import plan_types
 
 
 class FakeQuantLinear(nn.Linear):
-    """nn.Linear whose forward uses fake_quant(weight, fmt); `enabled` switches fake quant on and off."""
+    """nn.Linear whose forward uses fake_quant(weight, fmt); `enabled` switches fake quant on and off.
+
+    With LoRA adapters (add_lora), the weight it quantizes is the merged W + scale * B @ A (see add_lora)."""
 
     fmt: str = "q4_0"
     enabled: bool = True
 
+    def merged_weight(self) -> torch.Tensor:
+        if getattr(self, "lora_A", None) is None:
+            return self.weight
+        return self.weight + (self.lora_B @ self.lora_A) * self.lora_scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = formats.fake_quant(self.weight, self.fmt).to(x.dtype) if self.enabled else self.weight
+        w = self.merged_weight()
+        w = formats.fake_quant(w, self.fmt).to(x.dtype) if self.enabled else w
         return nn.functional.linear(x, w, self.bias)
 
 
@@ -97,8 +105,38 @@ def set_fake_quant(model: nn.Module, enabled: bool) -> None:
             m.enabled = enabled
 
 
+def add_lora(model: nn.Module, rank: int, alpha: float | None = None) -> int:
+    """LoRA on every fake-quant Linear: W frozen, trainable A [rank, in] and B [out, rank] (B = 0, so training
+    starts at exactly the same model), forward fake_quant(W + alpha/rank * B @ A). Returns the trainable count.
+
+    The adapters are inside the quantizer, so the student always sees the weights the GGUF will hold:
+    convert() merges them and export quantizes the merged weight, the same bits (tested). What it gives up
+    against full QAT: each update of a layer lies in a rank-`rank` subspace, and embeddings are frozen. What it
+    saves: optimizer state (2 x the adapters instead of 2 x every weight) and weight gradients; the step still
+    forms the full merged weight, so its compute is about that of full QAT."""
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    scale = (alpha if alpha is not None else rank) / rank
+    count = 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, FakeQuantLinear):
+            out_f, in_f = m.weight.shape
+            a = torch.empty(rank, in_f, dtype=torch.float32, device=m.weight.device)
+            nn.init.kaiming_uniform_(a, a=5 ** 0.5)  # as nn.Linear / peft initialise A
+            m.lora_A = nn.Parameter(a)
+            m.lora_B = nn.Parameter(torch.zeros(out_f, rank, dtype=torch.float32, device=m.weight.device))
+            m.lora_scale = scale
+            count += a.numel() + m.lora_B.numel()
+    if count == 0:
+        raise ValueError("no fake-quant Linear layers to put LoRA adapters on; prepare(model, plan) first")
+    return count
+
+
 def convert(model: nn.Module) -> nn.Module:
-    """Plain modules again, holding the latent weights (export quantizes them to what the student saw)."""
+    """Plain modules again, holding the latent weights (export quantizes them to what the student saw).
+    LoRA adapters are merged into their weights first, with the very computation the forward used."""
     if isinstance(getattr(model, "lm_head", None), FakeQuantTiedHead):
         emb = model.lm_head.embedding
         head = nn.Linear(emb.weight.shape[1], emb.weight.shape[0], bias=False)
@@ -106,6 +144,11 @@ def convert(model: nn.Module) -> nn.Module:
         model.lm_head = head
     for m in model.modules():
         if isinstance(m, FakeQuantLinear):
+            if getattr(m, "lora_A", None) is not None:
+                with torch.no_grad():
+                    merged = m.merged_weight().detach().to(m.weight.dtype)
+                del m.lora_A, m.lora_B
+                m.weight = nn.Parameter(merged, requires_grad=False)
             m.__class__ = nn.Linear
         elif isinstance(m, FakeQuantEmbedding):
             m.__class__ = m.__dict__.pop("_qatlm_original_class")

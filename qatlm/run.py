@@ -20,6 +20,7 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from .dist import checkpoint_dir
 from .gguf_io import atomic_write_text
 
 OOD_TEXT = "gpl-3.0.txt"
@@ -60,12 +61,26 @@ def plot_training(metrics: Path, out: Path) -> None:
     tmp.replace(out)
 
 
+# the default job's training settings: 2 x 256 tokens per step, lr 1e-5, embeddings frozen, 9 minutes
+RUN_DEFAULTS = dict(steps=400, lr=1e-5, seq_len=256, batch_size=2, budget_minutes=9.0, train_embeddings=False,
+                    save_every=10)
+
+
+def _yaml_keys(config: str) -> list[str]:
+    import yaml
+
+    return list(yaml.safe_load(Path(config).read_text()) or {})
+
+
 def run_job(out: str | Path = "runs/default", teacher: str = "bundled", data: list[str] | None = None,
-            eval_text: str | None = None, ood: str | None = None, plan: str = "q4_0", budget_minutes: float = 9.0,
-            steps: int = 400, lr: float = 1e-5, seq_len: int = 256, batch_size: int = 2, eval_ctx: int = 512,
-            eval_chunks: int | None = 6, train_embeddings: bool = False, config: str | None = None,
-            stop_after: int | None = None) -> dict:
-    """Run (or resume) the whole job; returns the summary (also written to OUT/summary.json)."""
+            eval_text: str | None = None, ood: str | None = None, plan: str = "q4_0",
+            budget_minutes: float | None = None, steps: int | None = None, lr: float | None = None,
+            seq_len: int | None = None, batch_size: int | None = None, eval_ctx: int = 512,
+            eval_chunks: int | None = 6, train_embeddings: bool | None = None, lora_rank: int | None = None,
+            config: str | None = None, stop_after: int | None = None) -> dict:
+    """Run (or resume) the whole job; returns the summary (also written to OUT/summary.json).
+
+    Training settings: RUN_DEFAULTS < the YAML `config` (TrainConfig fields) < the explicit arguments."""
     from .export import export_gguf, export_hf
     from .models import bundled_gguf, load_teacher
     from .quantize import quantize_gguf
@@ -103,11 +118,13 @@ def run_job(out: str | Path = "runs/default", teacher: str = "bundled", data: li
     run_dir = out / "train"
     qat = out / f"qat-{plan}.gguf"
     if not qat.exists():
-        cfg = TrainConfig.from_sources(config, teacher=teacher_path, data=data, out=str(run_dir), plan=plan,
-                                       steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size,
-                                       budget_minutes=budget_minutes, train_embeddings=train_embeddings,
-                                       save_every=10)
-        resume = (run_dir / "checkpoint.pt").is_file()
+        from_file = {k: getattr(TrainConfig.from_sources(config), k) for k in _yaml_keys(config)} if config else {}
+        explicit = {k: v for k, v in dict(steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size,
+                                          budget_minutes=budget_minutes, train_embeddings=train_embeddings,
+                                          lora_rank=lora_rank).items() if v is not None}
+        cfg = TrainConfig.from_sources(None, **{**RUN_DEFAULTS, **from_file, **explicit, "teacher": teacher_path,
+                                                "data": data, "out": str(run_dir), "plan": plan})
+        resume = checkpoint_dir(run_dir) is not None
         if resume:
             import yaml
 
@@ -115,7 +132,7 @@ def run_job(out: str | Path = "runs/default", teacher: str = "bundled", data: li
             cfg = TrainConfig(**saved)
             print(f"[4/5] QAT: resuming {run_dir}")
         else:
-            print(f"[4/5] QAT: training for up to {budget_minutes:g} min -> {run_dir}")
+            print(f"[4/5] QAT: training for up to {cfg.budget_minutes:g} min -> {run_dir}")
         train(cfg, resume=resume, stop_after=stop_after)
         if stop_after is not None and _steps_done(run_dir) < cfg.steps:
             return {"interrupted": True}

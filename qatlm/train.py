@@ -4,11 +4,12 @@
     qatlm train --resume runs/q4
     qatlm export runs/q4 runs/q4/qat-q4_0.gguf --hf runs/q4/qat-hf
 
-A run directory holds config.yaml (the merged config), metrics.jsonl (one line per step), checkpoint.pt
-(student weights, optimizer, step, RNG states; written atomically every --save-every steps and at the end)
-and heldout.pt (the held-out token blocks). The data order is a pure function of (seed, epoch), so a resumed
-run continues exactly where the checkpoint was taken: on CPU the result is bit-identical to an uninterrupted
-run (tested). A NaN/inf loss stops the run with a message; the last good checkpoint is kept.
+A run directory holds config.yaml (the merged config), metrics.jsonl (one line per step), checkpoint/
+(student weights, optimizer, step, RNG state, as a torch.distributed.checkpoint directory; written atomically
+every --save-every steps and at the end) and heldout.pt (the held-out token blocks). The data order is a pure
+function of (seed, epoch), so a resumed run continues exactly where the checkpoint was taken: on CPU the
+result is bit-identical to an uninterrupted run (tested). A NaN/inf loss stops the run with a message; the
+last good checkpoint is kept. Under torchrun the same loop runs data-parallel with FSDP2 (see qatlm.dist).
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import dist as qdist
 from .data_text import load_blocks
 from .distill import kd_loss
-from .fakequant import prepare, set_fake_quant, snap_toward_grid_
+from .fakequant import add_lora, prepare, set_fake_quant, snap_toward_grid_
 from .gguf_io import atomic_write_text
 from .models import load_teacher
 
@@ -58,6 +60,9 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None  # CPU threads (default: torch's)
     budget_minutes: float | None = None  # if set: after step 2, cap `steps` to what fits (step 2's time)
+    lora_rank: int = 0  # > 0: train LoRA adapters inside the fake quantizer instead of every weight
+    lora_alpha: float | None = None  # LoRA scale alpha / rank (default alpha = rank)
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda; bf16 autocast on CUDA
 
     def validate(self) -> None:
         if self.steps < 1 or self.seq_len < 8 or self.batch_size < 1 or self.grad_accum < 1:
@@ -66,6 +71,10 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.snap < 1:
             raise ValueError(f"snap must be in [0, 1), got {self.snap}")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {self.lora_rank}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
     @classmethod
     def from_sources(cls, yaml_file: str | None = None, **overrides) -> "TrainConfig":
@@ -104,30 +113,34 @@ def batch_indices(n_blocks: int, step: int, micro: int, batch_size: int, accum: 
     return out
 
 
-def _save_checkpoint(run: Path, student, opt, step: int) -> None:
-    # the data order is a pure function of (seed, step); torch's RNG is the only other state the loop draws on
-    state = {"step": step, "student": student.state_dict(), "optimizer": opt.state_dict(),
-             "torch_rng": torch.get_rng_state()}
-    tmp = run / ".checkpoint.pt.partial"
-    torch.save(state, tmp)
-    with open(tmp, "rb+") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, run / "checkpoint.pt")
-
-
 def build_student(cfg: TrainConfig, teacher_model: torch.nn.Module) -> torch.nn.Module:
     student = copy.deepcopy(teacher_model)
     if cfg.snap:
         snap_toward_grid_(student, cfg.plan, cfg.snap, tuple(cfg.overrides))
     prepare(student, cfg.plan, tuple(cfg.overrides))
-    for name, p in student.named_parameters():
-        p.requires_grad_(cfg.train_embeddings or "embed" not in name)
+    if cfg.lora_rank:
+        add_lora(student, cfg.lora_rank, cfg.lora_alpha)  # freezes everything else
+    else:
+        for name, p in student.named_parameters():
+            p.requires_grad_(cfg.train_embeddings or "embed" not in name)
     return student
+
+
+def _one_by_one(ctx: qdist.Context, fn):
+    """Rank 0 first (it may fill a cache: the converted teacher, the token cache), then the others."""
+    out = fn() if ctx.main else None
+    qdist.barrier(ctx)
+    return fn() if not ctx.main else out
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path:
     """Run (or resume) training; returns the run directory. `stop_after` ends early after that step (tests)."""
     run = Path(cfg.out)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of the {world} processes: each step's "
+                         "micro-batch is split evenly across them (use --batch-size or --grad-accum)")
+    ctx = qdist.setup(cfg.device)
     run.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -136,37 +149,42 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     np.random.seed(cfg.seed)
     import yaml
 
-    atomic_write_text(run / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+    if ctx.main:
+        atomic_write_text(run / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
 
-    t = load_teacher(cfg.teacher)
-    teacher = t.model.eval()
+    t = _one_by_one(ctx, lambda: load_teacher(cfg.teacher))
+    teacher = t.model.eval().to(ctx.device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    train_blocks, held = load_blocks(cfg.data, t.tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.seed,
-                                     cache=run / "tokens")
-    torch.save(held, run / "heldout.pt")
-    student = build_student(cfg, teacher)
+    train_blocks, held = _one_by_one(ctx, lambda: load_blocks(cfg.data, t.tokenizer, cfg.seq_len,
+                                                              cfg.heldout_fraction, cfg.seed, cache=run / "tokens"))
+    if ctx.main:
+        torch.save(held, run / "heldout.pt")
+    student = build_student(cfg, teacher).to(ctx.device)
+
+    def loss_fn(s, tch, ids):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+            return kd_loss(s, tch, ids, cfg.temperature, cfg.ce_weight, cfg.kd_chunk)
+
+    kd_step = qdist.shard(qdist.KDStep(student, teacher, loss_fn), ctx) if ctx.distributed else None
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     step = 0
-    ckpt = run / "checkpoint.pt"
-    if resume and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        student.load_state_dict(state["student"])
-        opt.load_state_dict(state["optimizer"])
-        step = int(state["step"])
-        torch.set_rng_state(state["torch_rng"])
-    _truncate_metrics(run / "metrics.jsonl", step)
+    if resume and qdist.checkpoint_dir(run):
+        step = qdist.load_checkpoint(run, student, opt)
+    if ctx.main:
+        _truncate_metrics(run / "metrics.jsonl", step)
     student.train()
     set_fake_quant(student, step >= cfg.fake_quant_after)
 
     bar = None
-    if progress:
+    if progress and ctx.main:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, desc="QAT", unit="step")
+        bar = tqdm(total=cfg.steps, initial=step, desc="QAT" + (f" x{ctx.world}" if ctx.distributed else ""),
+                   unit="step")
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    with open(run / "metrics.jsonl", "a") as metrics:
+    with open(run / "metrics.jsonl", "a") if ctx.main else open(os.devnull, "w") as metrics:
         while step < cfg.steps:
             t0 = time.perf_counter()
             if step == cfg.fake_quant_after:
@@ -178,19 +196,22 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             kl = ce = 0.0
             for micro in range(cfg.grad_accum):
                 idx = batch_indices(len(train_blocks), step, micro, cfg.batch_size, cfg.grad_accum, cfg.seed)
-                loss, parts = kd_loss(student, teacher, train_blocks[idx], cfg.temperature, cfg.ce_weight,
-                                      cfg.kd_chunk)
-                if not torch.isfinite(loss):
+                ids = train_blocks[idx[ctx.rank::ctx.world]].to(ctx.device)  # this process's share
+                loss, parts = kd_step(ids) if kd_step is not None else loss_fn(student, teacher, ids)
+                bad = qdist.mean_over_ranks(ctx, [float(not torch.isfinite(loss))])[0]
+                if bad:
                     raise FloatingPointError(
-                        f"loss is {float(loss.detach())} at step {step + 1}; the run stopped and {ckpt} (step "
-                        f"{_ckpt_step(ckpt)}) is kept. Lower --lr or raise --warmup, then `qatlm train --resume {run}`")
+                        f"loss is {float(loss.detach())} at step {step + 1}; the run stopped and {run}/checkpoint "
+                        f"(step {qdist.checkpoint_step(run)}) is kept. Lower --lr or raise --warmup, then "
+                        f"`qatlm train --resume {run}`")
                 (loss / cfg.grad_accum).backward()
                 kl += parts["kl"] / cfg.grad_accum
                 ce += parts["ce"] / cfg.grad_accum
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip else float("inf")))
+            gnorm = qdist.clip_grad_norm(params, cfg.clip)
             opt.step()
             step += 1
             dt = time.perf_counter() - t0
+            kl, ce, dt = qdist.mean_over_ranks(ctx, [kl, ce, dt])
             rec = {"step": step, "loss": kl + cfg.ce_weight * ce, "kl": kl, "ce": ce, "lr": lr, "grad_norm": gnorm,
                    "fake_quant": step > cfg.fake_quant_after, "seconds": dt, "tokens_per_s": tokens_per_step / dt}
             metrics.write(json.dumps(rec) + "\n")
@@ -199,25 +220,23 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                 bar.update()
                 bar.set_postfix(kl=f"{kl:.4f}", ce=f"{ce:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             if cfg.budget_minutes and step == 2 and not resume:  # step 1 includes one-time compile costs
-                fit = max(2, int(cfg.budget_minutes * 60 / dt))
+                fit = max(2, int(cfg.budget_minutes * 60 / dt))  # dt: the same mean on every process
                 if fit < cfg.steps:
                     cfg.steps = fit  # the schedule's length; saved so that a resumed run keeps it
-                    atomic_write_text(run / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
+                    if ctx.main:
+                        atomic_write_text(run / "config.yaml", yaml.safe_dump(asdict(cfg), sort_keys=False))
                     if bar is not None:
                         bar.total = fit
             if step % cfg.save_every == 0 or step == cfg.steps:
-                _save_checkpoint(run, student, opt, step)
+                qdist.save_checkpoint(run, ctx, student, opt, step)
             if stop_after is not None and step >= stop_after:
                 break
     if bar is not None:
         bar.close()
+    if ctx.distributed:
+        qdist.barrier(ctx)
+        torch.distributed.destroy_process_group()
     return run
-
-
-def _ckpt_step(ckpt: Path) -> int:
-    if not ckpt.is_file():
-        return 0
-    return int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -235,13 +254,14 @@ def load_run(run_dir: str | Path):
     from .fakequant import convert
 
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file() or not (run / "checkpoint.pt").is_file():
-        raise ValueError(f"{run}: not a qatlm run directory with a checkpoint (config.yaml + checkpoint.pt)")
+    if not (run / "config.yaml").is_file() or qdist.checkpoint_dir(run) is None:
+        raise ValueError(f"{run}: not a qatlm run directory with a checkpoint (config.yaml + checkpoint/)")
     cfg = TrainConfig(**yaml.safe_load((run / "config.yaml").read_text()))
     t = load_teacher(cfg.teacher)
     student = copy.deepcopy(t.model)
     prepare(student, cfg.plan, tuple(cfg.overrides))
-    state = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
-    student.load_state_dict(state["student"])
+    if cfg.lora_rank:
+        add_lora(student, cfg.lora_rank, cfg.lora_alpha)
+    qdist.load_checkpoint(run, student)
     convert(student)
     return cfg, t, student

@@ -1,0 +1,197 @@
+"""Training on more than one process, on PyTorch's own engine: torchrun, FSDP2 and torch.distributed.checkpoint.
+
+    torchrun --nproc-per-node 4 -m qatlm train --teacher T --data D --plan q4_0 --out runs/q4
+    qatlm train --nproc 4 ...            # the same, launched for you
+
+- Data parallel: every optimizer step draws the same global micro-batches as a single process would
+  (train.batch_indices), and rank r takes sequences r, r + N, r + 2N, ... of each: batch_size must be a
+  multiple of the number of processes. FSDP2's reduce-scatter averages the gradients, so N processes follow
+  one process with the same global batch (up to the order of float additions; tested on CPU with gloo).
+- The student: each decoder layer is its own FSDP2 group (`fully_shard`), and the root group is a small
+  module that runs the whole KD step (`KDStep`), so that the embedding, the final norm and Gemma's tied
+  output projection (used by the fused KD head outside the body's forward) are gathered for the whole step.
+- The teacher is replicated on every process (a frozen copy; no gradients, no optimizer state). Sharding
+  it is not implemented: it would matter only for teachers that do not fit one device beside the student.
+- Checkpoints are torch.distributed.checkpoint (DCP) directories: each process writes its shards, and loading
+  reshards, so a run resumes on any number of processes (2 -> 1 tested). The same format is used by
+  single-process runs. Written to a temporary directory and renamed when complete (rank 0 renames).
+- Rank 0 alone writes config, metrics, reports and exports; the others wait at barriers.
+
+Backends: gloo on CPU, nccl on CUDA (one device per process, LOCAL_RANK).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def setup(device: str = "auto") -> Context:
+    """Join the torchrun job if there is one (WORLD_SIZE > 1), else a single-process context."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no CUDA device; use --set device=cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if world <= 1:
+        return Context(0, 1, dev)
+    if cuda:
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return Context(dist.get_rank(), dist.get_world_size(), dev)
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.distributed:
+        dist.barrier()
+
+
+def mean_over_ranks(ctx: Context, values: list[float]) -> list[float]:
+    """Average floats across processes (for logging)."""
+    if not ctx.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return (t / ctx.world).tolist()
+
+
+class KDStep(nn.Module):
+    """The FSDP2 root: forward(ids) = the KD loss of the student against the (unregistered) teacher."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss_fn):
+        super().__init__()
+        self.student = student
+        object.__setattr__(self, "_teacher", teacher)  # not a submodule: replicated, never sharded
+        object.__setattr__(self, "_loss_fn", loss_fn)
+
+    def forward(self, input_ids: torch.Tensor):
+        return self._loss_fn(self.student, self._teacher, input_ids)
+
+
+def shard(step: KDStep, ctx: Context) -> KDStep:
+    """fully_shard each decoder layer of the student, then the KDStep root (in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(getattr(step.student, "model", None), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(step.student).__name__}: no .model.layers to shard; qatlm shards decoder-only "
+                         "transformers (Gemma 3, Llama, Qwen2/3)")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(step)
+    return step
+
+
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
+    """torch.nn.utils.clip_grad_norm_, returning a float (DTensor norms are gathered)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+CKPT = "checkpoint"
+
+
+def _quiet():
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+    warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
+    return ctx
+
+
+def checkpoint_dir(run: Path) -> Path | None:
+    """The complete checkpoint of a run directory, if any (a rename interrupted mid-way leaves `.old`)."""
+    for name in (CKPT, CKPT + ".old"):
+        if (run / name / "state.pt").is_file():
+            return run / name
+    return None
+
+
+def save_checkpoint(run: Path, ctx: Context, student: nn.Module, opt, step: int) -> None:
+    """DCP save of student + optimizer (each process its shards), plus state.pt (step, RNG) from rank 0."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp, final, old = run / (CKPT + ".partial"), run / CKPT, run / (CKPT + ".old")
+    if ctx.main and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier(ctx)
+    msd, osd = get_state_dict(student, opt)
+    q = _quiet()
+    try:
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    finally:
+        q.__exit__(None, None, None)
+    barrier(ctx)
+    if ctx.main:
+        torch.save({"step": step, "torch_rng": torch.get_rng_state(), "world": ctx.world}, tmp / "state.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            final.rename(old)
+        tmp.rename(final)
+        if old.exists():
+            shutil.rmtree(old)
+    barrier(ctx)
+
+
+def checkpoint_step(run: Path) -> int:
+    ck = checkpoint_dir(run)
+    return int(torch.load(ck / "state.pt", map_location="cpu", weights_only=True)["step"]) if ck else 0
+
+
+def load_checkpoint(run: Path, student: nn.Module, opt=None) -> int:
+    """Load the run's checkpoint into student (and opt), resharding to this job's processes. Returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
+    ck = checkpoint_dir(run)
+    if ck is None:
+        raise ValueError(f"{run}: no complete checkpoint ({CKPT}/ with state.pt); train first or check the path")
+    q = _quiet()
+    try:
+        if opt is not None:
+            msd, osd = get_state_dict(student, opt)
+            sd = {"model": msd, "optim": osd}
+            dcp.load(sd, checkpoint_id=str(ck))
+            set_state_dict(student, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        else:
+            sd = {"model": get_model_state_dict(student)}
+            dcp.load(sd, checkpoint_id=str(ck))
+            set_model_state_dict(student, sd["model"], options=StateDictOptions(strict=True))
+    finally:
+        q.__exit__(None, None, None)
+    state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])

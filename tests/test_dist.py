@@ -1,0 +1,135 @@
+"""Beyond one process: torchrun + FSDP2 on CPU (gloo), DCP checkpoints across process counts, and LoRA QAT."""
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGUFReader
+
+import qatlm.formats as F
+from qatlm.cli import main
+from qatlm.export import export_gguf, gguf_tensors
+from qatlm.fakequant import FakeQuantLinear, add_lora, convert, prepare
+from qatlm.train import TrainConfig, load_run, train
+from tiny_models import TEXT, tiny_gemma3, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    data = root / "train.txt"
+    data.write_text(TEXT * 3)
+    return {"gemma3": tiny_gemma3(root / "gemma3"), "llama": tiny_llama(root / "llama"), "data": data}
+
+
+def args(tiny, arch, out, steps):
+    return ["train", "--teacher", str(tiny[arch]), "--data", str(tiny["data"]), "--out", str(out), "--steps",
+            str(steps), "--seq-len", "32", "--batch-size", "4", "--lr", "3e-4", "--save-every", "3",
+            "--set", "warmup=2", "--set", "device=cpu"]
+
+
+def kls(run):
+    return [json.loads(line)["kl"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def max_weight_diff(run_a, run_b):
+    _, t, a = load_run(run_a)
+    _, _, b = load_run(run_b)
+    pa, pb, p0 = dict(a.named_parameters()), dict(b.named_parameters()), dict(t.model.named_parameters())
+    diff = max(float((pa[n] - pb[n]).abs().max()) for n in pa)
+    moved = max(float((pa[n] - p0[n]).abs().max()) for n in pa)
+    return diff, moved
+
+
+def test_two_processes_train_like_one_and_resume_on_one(tiny, tmp_path):
+    """`qatlm train --nproc 2` (torchrun, FSDP2 over gloo) on tiny Gemma 3 (tied embedding/output, the tricky case
+    for sharding) vs one process with the same global batch of 4; then both resumed on ONE process to step 8."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(args(tiny, "gemma3", one, 6)) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-m", "qatlm", *args(tiny, "gemma3", two, 6), "--nproc", "2"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {"__0_0.distcp", "__1_0.distcp", "state.pt"} <= {p.name for p in (two / "checkpoint").iterdir()}
+    # Same data, same math; only the order of float additions differs (each process reduces half the batch,
+    # then gloo averages): losses agree to ~1e-6 relative and weights to ~1e-7, while training moved them ~2e-3.
+    np.testing.assert_allclose(kls(two), kls(one), rtol=1e-4)
+    diff, moved = max_weight_diff(one, two)
+    assert moved > 1e-3 and diff < 1e-5, (diff, moved)
+    # resume the 2-process checkpoint (two DCP shards) on one process, and the 1-process run the same way
+    for run in (one, two):
+        assert main(["train", "--resume", str(run), "--set", "steps=8"]) == 0
+    assert [json.loads(x)["step"] for x in (two / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))
+    np.testing.assert_allclose(kls(two), kls(one), rtol=1e-4)
+    diff, moved = max_weight_diff(one, two)
+    assert diff < 1e-5, (diff, moved)
+
+
+def test_batch_must_split_evenly(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # checked before any process group is joined
+    cfg = TrainConfig(teacher=str(tiny["llama"]), data=[str(tiny["data"])], out=str(tmp_path / "r"), batch_size=4,
+                      device="cpu")
+    with pytest.raises(ValueError, match="batch_size 4 is not a multiple of the 3 processes"):
+        train(cfg, progress=False)
+
+
+def test_lora_trains_and_exports_exactly(tiny, tmp_path):
+    """--lora: only adapters train (base frozen), the loss falls, and the exported GGUF is fake quant of the
+    merged weights, which are bit for bit the weights the student's forward quantized."""
+    cfg = TrainConfig(teacher=str(tiny["llama"]), data=[str(tiny["data"])], out=str(tmp_path / "run"), steps=25,
+                      seq_len=32, batch_size=4, lr=3e-3, warmup=2, save_every=100, plan="q4_0", lora_rank=4,
+                      device="cpu")
+    run = train(cfg, progress=False)
+    k = kls(run)
+    assert np.mean(k[-5:]) < 0.7 * k[0], k
+    cfg, t, student = load_run(run)
+    # the checkpoint holds adapters; base weights are the teacher's after the PTQ snap, untouched by training
+    assert "lora_A" not in "".join(n for n, _ in student.named_parameters())  # merged by convert()
+    out = export_gguf(student, tmp_path / "lora.gguf", "q4_0", hf_dir=t.hf_dir, progress=False)
+    latent = dict(gguf_tensors(student, "llama"))
+    n = 0
+    for rt in GGUFReader(out).tensors:
+        typ, w = rt.tensor_type.name.lower(), latent[rt.name]
+        if typ in F.names():
+            n += 1
+            deq = F.dequantize(np.asarray(rt.data).reshape(-1), typ, w.shape)
+            assert torch.equal(deq, F.fake_quant(w.reshape(-1, w.shape[-1]), typ).reshape(w.shape)), rt.name
+    assert n == 2 * 7 + 2
+
+
+def test_lora_merge_equals_forward_weights_on_the_bundled_model(gemma_gguf, tmp_path):
+    """On Gemma 3 270M: adapters set to random values (as after training); convert() merges them into exactly
+    the weights the fake-quant forward used, and the exported GGUF holds exactly their Q4_0 bytes."""
+    from qatlm.models import load_teacher
+
+    t = load_teacher(str(gemma_gguf))
+    student = copy.deepcopy(t.model)
+    prepare(student, "q4_0")
+    trainable = add_lora(student, rank=8)
+    assert trainable == sum(p.numel() for p in student.parameters() if p.requires_grad)
+    g = torch.Generator().manual_seed(0)
+    seen = {}
+    with torch.no_grad():
+        for name, m in student.named_modules():
+            if isinstance(m, FakeQuantLinear):
+                m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 1e-3)
+                seen[name] = (m.fmt, F.fake_quant(m.merged_weight(), m.fmt))  # what the forward computes with
+    convert(student)
+    mods = dict(student.named_modules())
+    for name, (fmt, fq) in seen.items():
+        assert torch.equal(F.fake_quant(mods[name].weight, fmt), fq), name
+    out = export_gguf(student, tmp_path / "lora.gguf", "q4_0", source_gguf=t.gguf_path, progress=False)
+    latent = dict(gguf_tensors(student, "gemma3"))
+    n = 0
+    for rt in GGUFReader(out).tensors:
+        typ = rt.tensor_type.name.lower()
+        if typ == "q4_0":
+            w = latent[rt.name]
+            deq = F.dequantize(np.asarray(rt.data).reshape(-1), typ, w.shape)
+            assert torch.equal(deq, F.fake_quant(w.reshape(-1, w.shape[-1]), typ).reshape(w.shape)), rt.name
+            n += 1
+    assert n == 18 * 7
