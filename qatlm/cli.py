@@ -122,6 +122,8 @@ def cmd_train(a) -> int:
     from .train import TrainConfig, train
 
     lora = {"lora_rank": a.lora} if a.lora is not None else {}
+    if getattr(a, "data_free", None) is not None:
+        lora["data_free"] = a.data_free
     if a.resume:
         import yaml
 
@@ -161,7 +163,8 @@ def cmd_run(a) -> int:
 
     kw = {k: v for k, v in dict(out=a.out, teacher=a.teacher, data=a.data, eval_text=a.eval_text, ood=a.ood,
                                 plan=a.plan, budget_minutes=a.budget_minutes, steps=a.steps, lr=a.lr,
-                                eval_chunks=a.eval_chunks, config=a.config, lora_rank=a.lora).items()
+                                eval_chunks=a.eval_chunks, config=a.config, lora_rank=a.lora,
+                                data_free=a.data_free).items()
           if v is not None}
     run_job(**kw)
     return 0
@@ -244,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-chunks", type=int, help="chunks of 512 tokens per evaluation (default 6)")
     p.add_argument("--config", help="a YAML of TrainConfig fields")
     p.add_argument("--lora", type=int, metavar="RANK", help="LoRA QAT of this rank instead of full QAT")
+    p.add_argument("--data-free", type=int, metavar="N", help="train on N sequences sampled from the teacher "
+                   "instead of Shakespeare (evaluation texts unchanged)")
 
     p = add("train", cmd_train, "Distillation QAT: train a fake-quantized student against its teacher.",
             "qatlm train --teacher bundled --data texts/ --plan q4_0 --steps 200 --out runs/q4")
@@ -262,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other TrainConfig field")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped "
                    "(on any number of processes)")
+    p.add_argument("--data-free", type=int, metavar="N", help="no corpus: train on N sequences of --seq-len tokens "
+                   "sampled from the teacher (data-free distillation; saved in the run directory)")
     p.add_argument("--lora", type=int, metavar="RANK", help="train LoRA adapters of this rank inside the fake "
                    "quantizer (frozen base) instead of every weight; merged before export")
     p.add_argument("--nproc", type=int, help="data-parallel processes: relaunches itself under torchrun (FSDP2; "

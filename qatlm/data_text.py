@@ -94,9 +94,15 @@ def load_blocks(paths: list[str], tokenizer, seq_len: int, heldout_fraction: flo
     files = expand(paths)
     stream = np.concatenate([tokenize_file(f, tokenizer, cache) for f in tqdm(files, desc="tokenize", unit="file",
                                                                              disable=len(files) < 4)])
+    return blocks_from_stream(stream, tokenizer, seq_len, heldout_fraction, seed, f"in {len(files)} files")
+
+
+def blocks_from_stream(stream: np.ndarray, tokenizer, seq_len: int, heldout_fraction: float = 0.05, seed: int = 0,
+                       where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """A token stream -> (train blocks, held-out blocks) [n, seq_len], BOS-first, seeded split."""
     n = len(stream) // seq_len
     if n < 2:
-        raise ValueError(f"{len(stream)} tokens in {len(files)} files: fewer than 2 blocks of seq_len {seq_len}; "
+        raise ValueError(f"{len(stream)} tokens {where}: fewer than 2 blocks of seq_len {seq_len}; "
                          "give more text or a smaller seq_len")
     blocks = torch.from_numpy(stream[: n * seq_len].reshape(n, seq_len).copy())
     if tokenizer.bos_token_id is not None:  # every block starts like a document (llama-perplexity does the same

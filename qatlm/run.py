@@ -77,7 +77,7 @@ def run_job(out: str | Path = "runs/default", teacher: str = "bundled", data: li
             budget_minutes: float | None = None, steps: int | None = None, lr: float | None = None,
             seq_len: int | None = None, batch_size: int | None = None, eval_ctx: int = 512,
             eval_chunks: int | None = 6, train_embeddings: bool | None = None, lora_rank: int | None = None,
-            config: str | None = None, stop_after: int | None = None) -> dict:
+            data_free: int | None = None, config: str | None = None, stop_after: int | None = None) -> dict:
     """Run (or resume) the whole job; returns the summary (also written to OUT/summary.json).
 
     Training settings: RUN_DEFAULTS < the YAML `config` (TrainConfig fields) < the explicit arguments."""
@@ -93,10 +93,13 @@ def run_job(out: str | Path = "runs/default", teacher: str = "bundled", data: li
     if data is None:
         data, default_eval = default_split()
         eval_text = eval_text or str(default_eval)
+        if data_free:  # no corpus: the teacher samples the training text; evaluation texts stay the same
+            data = []
     if not eval_text:
         raise ValueError("--eval-text is required with --data (text held out from training, same domain)")
     ood = ood or str(ood_text())
-    print(f"[1/5] teacher {teacher_path}\n[2/5] {len(data)} training files; in-domain eval {eval_text}; "
+    print(f"[1/5] teacher {teacher_path}\n[2/5] " + (f"{len(data)} training files" if data else
+          f"data-free: {data_free} sequences sampled from the teacher") + f"; in-domain eval {eval_text}; "
           f"out-of-domain eval {ood}")
 
     is_gguf = teacher_path.endswith(".gguf")
@@ -121,7 +124,7 @@ def run_job(out: str | Path = "runs/default", teacher: str = "bundled", data: li
         from_file = {k: getattr(TrainConfig.from_sources(config), k) for k in _yaml_keys(config)} if config else {}
         explicit = {k: v for k, v in dict(steps=steps, lr=lr, seq_len=seq_len, batch_size=batch_size,
                                           budget_minutes=budget_minutes, train_embeddings=train_embeddings,
-                                          lora_rank=lora_rank).items() if v is not None}
+                                          lora_rank=lora_rank, data_free=data_free).items() if v is not None}
         cfg = TrainConfig.from_sources(None, **{**RUN_DEFAULTS, **from_file, **explicit, "teacher": teacher_path,
                                                 "data": data, "out": str(run_dir), "plan": plan})
         resume = checkpoint_dir(run_dir) is not None

@@ -37,6 +37,7 @@ from .models import load_teacher
 class TrainConfig:
     teacher: str = "bundled"  # a .gguf, a Hugging Face directory, or "bundled" (Gemma 3 270M)
     data: list[str] = field(default_factory=list)  # text/jsonl/parquet files or directories of them
+    data_free: int = 0  # with no data: train on this many seq_len sequences sampled from the teacher
     out: str = "runs/qat"  # the run directory
     plan: str = "q4_0"  # the GGUF type plan the student is trained for (and exported with)
     overrides: list[str] = field(default_factory=list)  # PATTERN=TYPE plan overrides
@@ -126,6 +127,20 @@ def build_student(cfg: TrainConfig, teacher_model: torch.nn.Module) -> torch.nn.
     return student
 
 
+def _blocks(cfg: TrainConfig, run: Path, teacher, tokenizer, ctx):
+    if cfg.data:
+        return load_blocks(cfg.data, tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.seed, cache=run / "tokens")
+    if cfg.data_free < 2:
+        raise ValueError("no training data: give --data FILES_OR_DIRS, or --data-free N to train on N sequences "
+                         "the teacher samples itself (N >= 2)")
+    from .data_text import blocks_from_stream
+    from .generate import synthetic_stream
+
+    stream = synthetic_stream(run, teacher, tokenizer, cfg.data_free, cfg.seq_len, cfg.seed, ctx.device,
+                              progress=ctx.main)
+    return blocks_from_stream(stream, tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.seed, "sampled")
+
+
 def _one_by_one(ctx: qdist.Context, fn):
     """Rank 0 first (it may fill a cache: the converted teacher, the token cache), then the others."""
     out = fn() if ctx.main else None
@@ -156,8 +171,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     teacher = t.model.eval().to(ctx.device)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    train_blocks, held = _one_by_one(ctx, lambda: load_blocks(cfg.data, t.tokenizer, cfg.seq_len,
-                                                              cfg.heldout_fraction, cfg.seed, cache=run / "tokens"))
+    train_blocks, held = _one_by_one(ctx, lambda: _blocks(cfg, run, teacher, t.tokenizer, ctx))
     if ctx.main:
         torch.save(held, run / "heldout.pt")
     student = build_student(cfg, teacher).to(ctx.device)

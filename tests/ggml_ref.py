@@ -46,3 +46,22 @@ def tensors_by_name(path):
 
     r = GGUFReader(path)
     return {t.name: (t.tensor_type.name, np.asarray(t.data).view(np.uint8).reshape(-1)) for t in r.tensors}
+
+
+def assert_export_is_fake_quant(path, latent: dict, types=None) -> int:
+    """Every block-format tensor of the GGUF at `path` dequantizes exactly to fake_quant of the latent weight
+    (GGUF name -> torch-order tensor). Returns how many tensors were checked."""
+    import torch
+    from gguf import GGUFReader
+
+    import qatlm.formats as F
+
+    n = 0
+    for rt in GGUFReader(path).tensors:
+        typ = rt.tensor_type.name.lower()
+        if typ in F.names() and (types is None or typ in types):
+            w = latent[rt.name]
+            deq = F.dequantize(np.asarray(rt.data).reshape(-1), typ, w.shape)
+            assert torch.equal(deq, F.fake_quant(w.reshape(-1, w.shape[-1]), typ).reshape(w.shape)), rt.name
+            n += 1
+    return n

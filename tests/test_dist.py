@@ -8,13 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from gguf import GGUFReader
 
 import qatlm.formats as F
 from qatlm.cli import main
 from qatlm.export import export_gguf, gguf_tensors
 from qatlm.fakequant import FakeQuantLinear, add_lora, convert, prepare
 from qatlm.train import TrainConfig, load_run, train
+from ggml_ref import assert_export_is_fake_quant
 from tiny_models import TEXT, tiny_gemma3, tiny_llama
 
 
@@ -90,15 +90,7 @@ def test_lora_trains_and_exports_exactly(tiny, tmp_path):
     # the checkpoint holds adapters; base weights are the teacher's after the PTQ snap, untouched by training
     assert "lora_A" not in "".join(n for n, _ in student.named_parameters())  # merged by convert()
     out = export_gguf(student, tmp_path / "lora.gguf", "q4_0", hf_dir=t.hf_dir, progress=False)
-    latent = dict(gguf_tensors(student, "llama"))
-    n = 0
-    for rt in GGUFReader(out).tensors:
-        typ, w = rt.tensor_type.name.lower(), latent[rt.name]
-        if typ in F.names():
-            n += 1
-            deq = F.dequantize(np.asarray(rt.data).reshape(-1), typ, w.shape)
-            assert torch.equal(deq, F.fake_quant(w.reshape(-1, w.shape[-1]), typ).reshape(w.shape)), rt.name
-    assert n == 2 * 7 + 2
+    assert assert_export_is_fake_quant(out, dict(gguf_tensors(student, "llama"))) == 2 * 7 + 2
 
 
 def test_lora_merge_equals_forward_weights_on_the_bundled_model(gemma_gguf, tmp_path):
@@ -123,13 +115,4 @@ def test_lora_merge_equals_forward_weights_on_the_bundled_model(gemma_gguf, tmp_
     for name, (fmt, fq) in seen.items():
         assert torch.equal(F.fake_quant(mods[name].weight, fmt), fq), name
     out = export_gguf(student, tmp_path / "lora.gguf", "q4_0", source_gguf=t.gguf_path, progress=False)
-    latent = dict(gguf_tensors(student, "gemma3"))
-    n = 0
-    for rt in GGUFReader(out).tensors:
-        typ = rt.tensor_type.name.lower()
-        if typ == "q4_0":
-            w = latent[rt.name]
-            deq = F.dequantize(np.asarray(rt.data).reshape(-1), typ, w.shape)
-            assert torch.equal(deq, F.fake_quant(w.reshape(-1, w.shape[-1]), typ).reshape(w.shape)), rt.name
-            n += 1
-    assert n == 18 * 7
+    assert assert_export_is_fake_quant(out, dict(gguf_tensors(student, "gemma3")), {"q4_0"}) == 18 * 7
