@@ -10,8 +10,10 @@
 - The student: each decoder layer is its own FSDP2 group (`fully_shard`), and the root group is a small
   module that runs the whole KD step (`KDStep`), so that the embedding, the final norm and Gemma's tied
   output projection (used by the fused KD head outside the body's forward) are gathered for the whole step.
-- The teacher is replicated on every process (a frozen copy; no gradients, no optimizer state). Sharding
-  it is not implemented: it would matter only for teachers that do not fit one device beside the student.
+- The teacher is replicated on every process by default (a frozen copy: no gradients, no optimizer state).
+  `shard_teacher=true` makes its decoder layers FSDP2 groups too (gathered layer by layer during its forward,
+  resharded after), for teachers that do not fit one device beside the student; its embedding and final norm
+  join the root group. (Each process still loads the whole teacher once before sharding it.)
 - Checkpoints are torch.distributed.checkpoint (DCP) directories: each process writes its shards, and loading
   reshards, so a run resumes on any number of processes (2 -> 1 tested). The same format is used by
   single-process runs. Written to a temporary directory and renamed when complete (rank 0 renames).
@@ -81,26 +83,32 @@ def mean_over_ranks(ctx: Context, values: list[float]) -> list[float]:
 class KDStep(nn.Module):
     """The FSDP2 root: forward(ids) = the KD loss of the student against the (unregistered) teacher."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, loss_fn):
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss_fn, shard_teacher: bool = False):
         super().__init__()
         self.student = student
-        object.__setattr__(self, "_teacher", teacher)  # not a submodule: replicated, never sharded
+        if shard_teacher:
+            self.teacher = teacher  # a submodule: sharded with the rest
+        else:
+            object.__setattr__(self, "teacher", teacher)  # not a submodule: replicated, never sharded
         object.__setattr__(self, "_loss_fn", loss_fn)
 
     def forward(self, input_ids: torch.Tensor):
-        return self._loss_fn(self.student, self._teacher, input_ids)
+        return self._loss_fn(self.student, self.teacher, input_ids)
 
 
 def shard(step: KDStep, ctx: Context) -> KDStep:
-    """fully_shard each decoder layer of the student, then the KDStep root (in place)."""
+    """fully_shard each decoder layer of the student (and of the teacher if it is a submodule), then the
+    KDStep root (in place)."""
     from torch.distributed.fsdp import fully_shard
 
-    layers = getattr(getattr(step.student, "model", None), "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(step.student).__name__}: no .model.layers to shard; qatlm shards decoder-only "
-                         "transformers (Gemma 3, Llama, Qwen2/3)")
-    for layer in layers:
-        fully_shard(layer)
+    models = [step.student] + [m for n, m in step.named_children() if n == "teacher"]
+    for model in models:
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None:
+            raise ValueError(f"{type(model).__name__}: no .model.layers to shard; qatlm shards decoder-only "
+                             "transformers (Gemma 3, Llama, Qwen2/3)")
+        for layer in layers:
+            fully_shard(layer)
     fully_shard(step)
     return step
 

@@ -64,6 +64,7 @@ class TrainConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters inside the fake quantizer instead of every weight
     lora_alpha: float | None = None  # LoRA scale alpha / rank (default alpha = rank)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda; bf16 autocast on CUDA
+    shard_teacher: bool = False  # under torchrun: FSDP2-shard the teacher's layers too (default: replicate it)
 
     def validate(self) -> None:
         if self.steps < 1 or self.seq_len < 8 or self.batch_size < 1 or self.grad_accum < 1:
@@ -180,7 +181,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
             return kd_loss(s, tch, ids, cfg.temperature, cfg.ce_weight, cfg.kd_chunk)
 
-    kd_step = qdist.shard(qdist.KDStep(student, teacher, loss_fn), ctx) if ctx.distributed else None
+    kd_step = (qdist.shard(qdist.KDStep(student, teacher, loss_fn, cfg.shard_teacher), ctx)
+               if ctx.distributed else None)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 

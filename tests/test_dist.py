@@ -69,6 +69,19 @@ def test_two_processes_train_like_one_and_resume_on_one(tiny, tmp_path):
     assert diff < 1e-5, (diff, moved)
 
 
+def test_sharded_teacher_trains_like_replicated(tiny, tmp_path):
+    """shard_teacher=true (the teacher's layers are FSDP2 groups too) gives the same training as one process."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(args(tiny, "llama", one, 4)) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-m", "qatlm", *args(tiny, "llama", two, 4), "--set", "shard_teacher=true",
+                        "--nproc", "2"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    np.testing.assert_allclose(kls(two), kls(one), rtol=1e-4)  # same reason and bound as above
+    diff, moved = max_weight_diff(one, two)
+    assert moved > 1e-3 and diff < 1e-5, (diff, moved)
+
+
 def test_batch_must_split_evenly(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # checked before any process group is joined
     cfg = TrainConfig(teacher=str(tiny["llama"]), data=[str(tiny["data"])], out=str(tmp_path / "r"), batch_size=4,
