@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     def plan_args(p, default="q4_0"):
-        p.add_argument("--plan", default=default, help="q4_0 | q4_1 | q5_0 | q5_1 | q8_0 | f16 | f32 | pure:<type> "
+        p.add_argument("--plan", default=default, help="q4_0 | q4_1 | q5_0 | q5_1 | q8_0 | q4_k_m | q6_k | f16 | f32 "
+                       "| pure:<type> "
                        f"(default {default})")
         p.add_argument("--override", action="append", default=[], metavar="PATTERN=TYPE",
                        help="give tensors whose name matches the regex PATTERN this type; repeatable")
