@@ -16,17 +16,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import formats
 from .fakequant import FakeQuantLinear, FakeQuantTiedHead
 
 
 def head_weight(model: nn.Module) -> torch.Tensor:
     """The output projection's weight as the model computes with it (fake-quantized when prepared)."""
     head = model.get_output_embeddings()
-    if isinstance(head, FakeQuantTiedHead):
-        return formats.fake_quant(head.embedding.weight, head.fmt) if head.enabled else head.embedding.weight
-    if isinstance(head, FakeQuantLinear) and head.enabled:
-        return formats.fake_quant(head.weight, head.fmt)
+    if isinstance(head, (FakeQuantTiedHead, FakeQuantLinear)):
+        return head.effective_weight()  # incl. LoRA adapters of an untied head
     return head.weight
 
 

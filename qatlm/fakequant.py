@@ -34,10 +34,13 @@ class FakeQuantLinear(nn.Linear):
             return self.weight
         return self.weight + (self.lora_B @ self.lora_A) * self.lora_scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward computes with: fake_quant(merged weight) when enabled (fp32)."""
         w = self.merged_weight()
-        w = formats.fake_quant(w, self.fmt).to(x.dtype) if self.enabled else w
-        return nn.functional.linear(x, w, self.bias)
+        return formats.fake_quant(w, self.fmt) if self.enabled else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.effective_weight().to(x.dtype), self.bias)
 
 
 class FakeQuantEmbedding(nn.Embedding):
@@ -70,9 +73,12 @@ class FakeQuantTiedHead(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.embedding.weight
 
+    def effective_weight(self) -> torch.Tensor:
+        """The output weight the forward computes with: fake_quant(embedding) when enabled (fp32)."""
+        return formats.fake_quant(self.embedding.weight, self.fmt) if self.enabled else self.embedding.weight
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        w = formats.fake_quant(self.embedding.weight, self.fmt).to(h.dtype) if self.enabled else self.embedding.weight
-        return nn.functional.linear(h, w)
+        return nn.functional.linear(h, self.effective_weight().to(h.dtype))
 
 
 def prepare(model: nn.Module, plan: str = "q4_0", overrides: tuple[str, ...] = ()) -> dict[str, str]:

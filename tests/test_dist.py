@@ -13,6 +13,7 @@ import qatlm.formats as F
 from qatlm.cli import main
 from qatlm.export import export_gguf, gguf_tensors
 from qatlm.fakequant import FakeQuantLinear, add_lora, convert, prepare
+from qatlm.models import load_teacher
 from qatlm.train import TrainConfig, load_run, train
 from ggml_ref import assert_export_is_fake_quant
 from tiny_models import TEXT, tiny_gemma3, tiny_llama
@@ -99,6 +100,13 @@ def test_lora_trains_and_exports_exactly(tiny, tmp_path):
     run = train(cfg, progress=False)
     k = kls(run)
     assert np.mean(k[-5:]) < 0.7 * k[0], k
+    from qatlm.dist import load_checkpoint
+    from qatlm.train import build_student
+
+    trained = build_student(cfg, load_teacher(cfg.teacher).model)
+    load_checkpoint(run, trained)
+    b = {n: float(p.abs().max()) for n, p in trained.named_parameters() if n.endswith("lora_B")}
+    assert len(b) == 2 * 7 + 1 and min(b.values()) > 0, b  # every adapter trained, the output head's too
     cfg, t, student = load_run(run)
     # the checkpoint holds adapters; base weights are the teacher's after the PTQ snap, untouched by training
     assert "lora_A" not in "".join(n for n, _ in student.named_parameters())  # merged by convert()
@@ -109,8 +117,6 @@ def test_lora_trains_and_exports_exactly(tiny, tmp_path):
 def test_lora_merge_equals_forward_weights_on_the_bundled_model(gemma_gguf, tmp_path):
     """On Gemma 3 270M: adapters set to random values (as after training); convert() merges them into exactly
     the weights the fake-quant forward used, and the exported GGUF holds exactly their Q4_0 bytes."""
-    from qatlm.models import load_teacher
-
     t = load_teacher(str(gemma_gguf))
     student = copy.deepcopy(t.model)
     prepare(student, "q4_0")
