@@ -121,23 +121,21 @@ def cmd_train(a) -> int:
 
     from .train import TrainConfig, train
 
-    lora = {"lora_rank": a.lora} if a.lora is not None else {}
-    if getattr(a, "data_free", None) is not None:
-        lora["data_free"] = a.data_free
+    extra = {k: v for k, v in (("lora_rank", a.lora), ("data_free", a.data_free)) if v is not None}
     if a.resume:
         import yaml
 
         cfg_file = Path(a.resume) / "config.yaml"
         if not cfg_file.is_file():
             raise ValueError(f"{a.resume}: no config.yaml; --resume takes the run directory of an earlier `qatlm train`")
-        cfg = TrainConfig(**{**yaml.safe_load(cfg_file.read_text()), **_parse_set(a.set), **lora})
+        cfg = TrainConfig(**{**yaml.safe_load(cfg_file.read_text()), **_parse_set(a.set), **extra})
         cfg.validate()
         run = train(cfg, resume=True)
     else:
         cfg = TrainConfig.from_sources(a.config, teacher=a.teacher, data=a.data or None, out=a.out, plan=a.plan,
                                        steps=a.steps, lr=a.lr, seq_len=a.seq_len, batch_size=a.batch_size,
                                        grad_accum=a.grad_accum, save_every=a.save_every, seed=a.seed,
-                                       **lora, **_parse_set(a.set))
+                                       **extra, **_parse_set(a.set))
         run = train(cfg)
     if os.environ.get("RANK", "0") != "0":
         return 0

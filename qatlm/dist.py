@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,12 +127,13 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> float:
 CKPT = "checkpoint"
 
 
+@contextmanager
 def _quiet():
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-    warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
-    return ctx
+    """DCP warns that it runs single-process when no process group exists: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
+        yield
 
 
 def checkpoint_dir(run: Path) -> Path | None:
@@ -152,11 +154,8 @@ def save_checkpoint(run: Path, ctx: Context, student: nn.Module, opt, step: int)
         shutil.rmtree(tmp)
     barrier(ctx)
     msd, osd = get_state_dict(student, opt)
-    q = _quiet()
-    try:
+    with _quiet():
         dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    finally:
-        q.__exit__(None, None, None)
     barrier(ctx)
     if ctx.main:
         torch.save({"step": step, "torch_rng": torch.get_rng_state(), "world": ctx.world}, tmp / "state.pt")
@@ -187,8 +186,7 @@ def load_checkpoint(run: Path, student: nn.Module, opt=None) -> int:
     ck = checkpoint_dir(run)
     if ck is None:
         raise ValueError(f"{run}: no complete checkpoint ({CKPT}/ with state.pt); train first or check the path")
-    q = _quiet()
-    try:
+    with _quiet():
         if opt is not None:
             msd, osd = get_state_dict(student, opt)
             sd = {"model": msd, "optim": osd}
@@ -198,8 +196,6 @@ def load_checkpoint(run: Path, student: nn.Module, opt=None) -> int:
             sd = {"model": get_model_state_dict(student)}
             dcp.load(sd, checkpoint_id=str(ck))
             set_model_state_dict(student, sd["model"], options=StateDictOptions(strict=True))
-    finally:
-        q.__exit__(None, None, None)
     state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
     torch.set_rng_state(state["torch_rng"])
     return int(state["step"])

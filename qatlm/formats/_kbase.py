@@ -53,6 +53,15 @@ def seq_sum(rows: torch.Tensor, from_zero: bool = True) -> torch.Tensor:
     return acc
 
 
+def fast_flags(blocks: torch.Tensor, fast: bool):
+    """Codes.fix / Codes.finite for encode(fast=True): the K-quant encoders have no separate fast rules, so no
+    block needs redoing; finite tells _kernels whether the input held NaN/inf. (None, None) otherwise."""
+    if not fast:
+        return None, None
+    finite = torch.isfinite(blocks).all(1, keepdim=True)
+    return torch.zeros_like(finite), finite
+
+
 def columns(blocks: torch.Tensor, sub: int) -> torch.Tensor:
     """[n, 256] super-blocks -> [sub, n * 256 // sub]: sub-block elements along dim 0."""
     return blocks.reshape(-1, sub).T.contiguous()

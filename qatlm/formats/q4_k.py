@@ -11,7 +11,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from ._base import BlockFormat, Codes, fp16_bytes, fp16_from_bytes
-from ._kbase import columns, div, f32, nearest_int, rows, seq_sum, sqrt_f32
+from ._kbase import columns, div, fast_flags, f32, nearest_int, rows, seq_sum, sqrt_f32
 
 NMAX, RMIN, RDELTA, NSTEP = 15, -1.0, 0.1, 20
 
@@ -78,8 +78,7 @@ class Q4_K(BlockFormat):
         q = nearest_int((x + dm) / dsc).clamp_(0, NMAX)
         q = torch.where(dsc == 0, L, q)
         codes = rows(q, n).to(torch.uint8)
-        finite = torch.isfinite(blocks).all(1, keepdim=True) if fast else None
-        fix = torch.zeros_like(finite) if fast else None
+        fix, finite = fast_flags(blocks, fast)
         return Codes(codes, d, dmin, fix=fix, finite=finite, sc=ls.to(torch.uint8), sm=lm.to(torch.uint8))
 
     def decode(self, codes: Codes) -> torch.Tensor:

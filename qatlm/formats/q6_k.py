@@ -10,7 +10,7 @@ import torch
 from gguf import GGMLQuantizationType
 
 from ._base import BlockFormat, Codes, fp16_bytes, fp16_from_bytes, signed_absmax
-from ._kbase import GROUP_MAX_EPS, columns, div, f32, nearest_int, rows, seq_sum
+from ._kbase import GROUP_MAX_EPS, columns, div, fast_flags, f32, nearest_int, rows, seq_sum
 
 NMAX = 32
 
@@ -69,8 +69,7 @@ class Q6_K(BlockFormat):
         q = torch.where(empty.repeat_interleave(16).view(1, -1), torch.zeros_like(q), q)
         d = torch.where(empty, torch.zeros_like(d), d)
         sc = torch.where(empty, torch.zeros_like(sc), sc)
-        finite = torch.isfinite(blocks).all(1, keepdim=True) if fast else None
-        fix = torch.zeros_like(finite) if fast else None
+        fix, finite = fast_flags(blocks, fast)
         return Codes(rows(q, n).to(torch.uint8), d, fix=fix, finite=finite, sc=sc)
 
     def decode(self, codes: Codes) -> torch.Tensor:
