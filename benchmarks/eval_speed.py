@@ -5,9 +5,9 @@ measured in one run. Prints tokens/s of each and their ratio, plus both PPLs.
 """
 import argparse
 
-from qatlm.data import shakespeare_dir
-from qatlm.evaluate import evaluate
-from qatlm.models import bundled_gguf
+from qatlm.corpora import shakespeare_dir
+from qatlm.eval.perplexity import evaluate
+from qatlm.sources import bundled_gguf
 
 
 def main() -> None:

@@ -11,9 +11,10 @@ import time
 
 import torch
 
-from qatlm.distill import kd_loss
-from qatlm.models import load_teacher
-from qatlm.train import TrainConfig, build_student
+from qatlm.train.kd_loss import kd_loss
+from qatlm.teacher import load_teacher
+from qatlm.train.config import TrainConfig
+from qatlm.train.loop import build_student
 
 
 def plain_kd(student, teacher, x):

@@ -22,9 +22,12 @@ from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-from .plans import is_quantizable, parse_plan
+from . import arch
+from .atomic import atomic_write_text
+from .cli import command, plan_args
+from .gguf.io import field_value, open_gguf
+from .gguf.plans import is_quantizable, parse_plan, type_bytes
+from .sources import resolve
 
 SHIPPED = sorted(p.name[:-5] for p in resources.files("qatlm.configs").iterdir() if p.name.endswith(".json"))
 
@@ -42,23 +45,6 @@ class ModelShapes:
     vision_params: int = 0
 
 
-def _gemma3_tensors(c: dict) -> list[tuple[str, tuple[int, ...], str]]:
-    """Gemma 3 text tensors in llama.cpp's names and ne order (convert_hf_to_gguf.py, Gemma3Model)."""
-    h, i, hd = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    t = [("token_embd.weight", (h, c["vocab_size"]), "f32"), ("output_norm.weight", (h,), "f32")]
-    for b in range(c["num_hidden_layers"]):
-        p = f"blk.{b}."
-        t += [(p + "attn_norm.weight", (h,), "f32"), (p + "attn_q.weight", (h, q), "f32"),
-              (p + "attn_k.weight", (h, kv), "f32"), (p + "attn_v.weight", (h, kv), "f32"),
-              (p + "attn_output.weight", (q, h), "f32"), (p + "attn_q_norm.weight", (hd,), "f32"),
-              (p + "attn_k_norm.weight", (hd,), "f32"), (p + "post_attention_norm.weight", (h,), "f32"),
-              (p + "ffn_norm.weight", (h,), "f32"), (p + "ffn_gate.weight", (h, i), "f32"),
-              (p + "ffn_up.weight", (h, i), "f32"), (p + "ffn_down.weight", (i, h), "f32"),
-              (p + "post_ffw_norm.weight", (h,), "f32")]
-    return t
-
-
 def _siglip_params(text_width: int) -> int:
     """SigLIP So400m/14 at 896 px (Gemma 3 4B-27B) plus the projector into the text width."""
     width, mlp, layers, patches = 1152, 4304, 27, (896 // 14) ** 2
@@ -66,15 +52,42 @@ def _siglip_params(text_width: int) -> int:
     return layers * per_layer + patches * width + 14 * 14 * 3 * width + width + width * text_width
 
 
+def _config_tensors(config) -> list[tuple[str, tuple[int, ...], str]]:
+    """The text model's tensors in llama.cpp's names and ne order, from a transformers config: the model is
+    built on the meta device (no memory, any size) and named by the architecture registry, like an export."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = dict(model.named_parameters(remove_duplicate=True))
+    out = []
+    for name, g in arch.gguf_names(model).items():
+        if name == "lm_head.weight" and arch.is_tied(model):
+            continue
+        out.append((g, tuple(reversed(params[name].shape)), "f32"))
+    return out
+
+
 def shapes_from_config(name: str, c: dict) -> ModelShapes:
+    """ModelShapes of a config.json dict (qatlm's shipped Gemma 3 configs are such dicts)."""
+    from transformers import AutoConfig
+
     mt = c.get("model_type", "")
-    if mt in ("gemma3", "gemma3_text"):
-        c = c.get("text_config", c)
-        return ModelShapes(name, "gemma3", _gemma3_tensors(c), c["num_hidden_layers"], c["num_key_value_heads"],
-                           c["head_dim"], c.get("sliding_window"), c.get("sliding_window_pattern", 6),
-                           _siglip_params(c["hidden_size"]) if c.get("vision") else 0)
-    raise ValueError(f"{name}: model_type {mt!r} is not supported by `qatlm memory` from a config; supported: "
-                     "gemma3, gemma3_text (or pass a GGUF file, whose real shapes are read)")
+    try:
+        a = arch.get(mt)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
+    if mt == "gemma3":  # the multimodal config: its text part
+        c = {**c.get("text_config", {}), "model_type": "gemma3_text"}
+        mt = "gemma3_text"
+    extra = {k: c[k] for k in ("vision",) if k in c}
+    config = AutoConfig.for_model(mt, **{k: v for k, v in c.items() if k not in ("model_type", "vision")})
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return ModelShapes(name, a.name, _config_tensors(config), config.num_hidden_layers,
+                       config.num_key_value_heads, head_dim, getattr(config, "sliding_window", None)
+                       if a.swa_pattern else None, a.swa_pattern,
+                       _siglip_params(config.hidden_size) if extra.get("vision") else 0)
 
 
 def load_shapes(model: str) -> ModelShapes:
@@ -82,39 +95,27 @@ def load_shapes(model: str) -> ModelShapes:
     if model in SHIPPED:
         c = json.loads(resources.files("qatlm.configs").joinpath(f"{model}.json").read_text())
         return shapes_from_config(model, c)
-    if model == "bundled":
-        from .models import bundled_gguf
-
-        model = str(bundled_gguf())
-    p = Path(model)
-    if p.is_file():
-        from .gguf_io import field_value, open_gguf
-
-        info, reader = open_gguf(p)
-        arch = field_value(reader, "general.architecture")
-        key = lambda k, d=None: field_value(reader, f"{arch}.{k}", d)  # noqa: E731
+    src = resolve(model) if model == "bundled" or Path(model).exists() else None
+    if src is None:
+        raise ValueError(f"{model!r} is neither a file, a directory nor a shipped model name ({', '.join(SHIPPED)})")
+    if src.kind == "gguf":
+        info, reader = open_gguf(src.path)
+        name = field_value(reader, "general.architecture")
+        try:
+            a = arch.get(name)
+        except ValueError as e:
+            raise ValueError(f"{src.path}: {e}") from None
+        key = lambda k, d=None: field_value(reader, f"{name}.{k}", d)  # noqa: E731
         n_head = key("attention.head_count")
-        return ModelShapes(p.name, arch, [(t.name, t.ne, t.ggml_type.name.lower()) for t in info.tensors],
+        return ModelShapes(src.path.name, name, [(t.name, t.ne, t.ggml_type.name.lower()) for t in info.tensors],
                            key("block_count"), key("attention.head_count_kv", n_head),
                            key("attention.key_length", key("embedding_length") // n_head),
-                           key("attention.sliding_window") if arch == "gemma3" else None,
-                           6 if arch == "gemma3" else None)
-    if p.is_dir():
-        cfg = p / "config.json"
-        if not cfg.is_file():
-            raise ValueError(f"{p}: no config.json; pass a Hugging Face model directory, a GGUF file, or one of "
-                             f"{', '.join(SHIPPED)}")
-        return shapes_from_config(str(p), json.loads(cfg.read_text()))
-    raise ValueError(f"{model!r} is neither a file, a directory nor a shipped model name ({', '.join(SHIPPED)})")
-
-
-def type_bytes(t: str, n: int) -> float:
-    if t == "bf16":
-        return 2 * n
-    if t == "int4":
-        return n / 2
-    block, size = GGML_QUANT_SIZES[GGMLQuantizationType[t.upper()]]
-    return n // block * size
+                           key("attention.sliding_window") if a.swa_pattern else None, a.swa_pattern)
+    cfg = src.path / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"{src.path}: no config.json; pass a Hugging Face model directory, a GGUF file, or one of "
+                         f"{', '.join(SHIPPED)}")
+    return shapes_from_config(str(src.path), json.loads(cfg.read_text()))
 
 
 @dataclass
@@ -181,3 +182,19 @@ def memory(model: str, plan: str = "q4_0", ctx: int = 4096, kv_type: str = "f16"
 
 def to_json(r: MemoryReport) -> str:
     return json.dumps(asdict(r), indent=1)
+
+
+def add_parsers(sub) -> None:
+    def run(a) -> None:
+        r = memory(a.model, a.plan, a.ctx, a.kv_type, tuple(a.override))
+        print(r.table())
+        if a.json:
+            atomic_write_text(a.json, to_json(r))
+
+    p = command(sub, "memory", "Weight and KV-cache memory of a model under a plan.",
+                "qatlm memory gemma-3-27b --plan q4_0 --ctx 32768 --json mem.json", run)
+    p.add_argument("model", help=f"a GGUF file, a Hugging Face directory, 'bundled', or {'|'.join(SHIPPED)}")
+    plan_args(p)
+    p.add_argument("--ctx", type=int, default=4096, help="context length for the KV cache (default 4096)")
+    p.add_argument("--kv-type", default="f16", choices=["f16", "bf16", "f32", "q8_0", "q4_0"])
+    p.add_argument("--json", type=Path, help="also write the report as JSON here")

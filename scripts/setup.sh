@@ -11,6 +11,6 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[test]"
 # the embedded default's data, fetched now so that everything later runs offline
-python -m qatlm.data fetch
-python -c "from qatlm.models import bundled_gguf; print('bundled teacher:', bundled_gguf())"
+python -m qatlm.corpora fetch
+python -c "from qatlm.sources import bundled_gguf; print('bundled teacher:', bundled_gguf())"
 python -c "import torch, gguf, llama_cpp, qatlm; print('qatlm ready: torch', torch.__version__, '| llama-cpp-python', llama_cpp.__version__)"

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from qatlm.data import play_of
-from qatlm.data_text import load_blocks
+from qatlm.corpora import play_of
+from qatlm.train.data import load_blocks
 from tiny_models import TEXT, tiny_tokenizer
 
 

@@ -4,8 +4,8 @@ import struct
 import numpy as np
 import pytest
 
-from qatlm.gguf_io import GGUFError, validate
-from qatlm.quantize import quantize_gguf
+from qatlm.gguf.io import GGUFError, validate
+from qatlm.gguf.ptq import quantize_gguf
 from tiny_gguf import patch, tensor_info_pos, write_tiny
 
 

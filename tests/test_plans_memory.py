@@ -5,7 +5,7 @@ import pytest
 
 from qatlm.cli import main
 from qatlm.memory import load_shapes, memory
-from qatlm.plans import parse_plan
+from qatlm.gguf.plans import parse_plan
 
 
 def gemma_tensors(name):
@@ -60,8 +60,8 @@ def test_synthesized_shapes_match_the_real_gguf(gemma_gguf):
 
 def test_memory_matches_written_file(gemma_gguf, session_tmp):
     """weights_bytes = the tensor data of the file `qatlm quantize` writes for the same plan."""
-    from qatlm.gguf_io import validate
-    from qatlm.quantize import quantize_gguf
+    from qatlm.gguf.io import validate
+    from qatlm.gguf.ptq import quantize_gguf
 
     path = session_tmp / "qatlm_q4_0.gguf"
     if not path.exists():

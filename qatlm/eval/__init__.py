@@ -1,0 +1,2 @@
+"""Stage 5, evaluation: perplexity and KLD exactly as llama-perplexity computes them (perplexity), and the
+side-by-side report of teacher / PTQ / QAT (compare)."""

@@ -1,0 +1,319 @@
+"""Perplexity and KL-divergence measured the way llama.cpp's llama-perplexity measures them.
+
+    qatlm eval model.gguf --data tempest.txt --chunks 6                   # llama.cpp engine (default)
+    qatlm eval bundled --data tempest.txt --engine torch --plan q4_0      # torch engine, simulating Q4_0
+    qatlm eval q4.gguf --data tempest.txt --kld-base teacher.gguf
+
+The algorithm (tools/perplexity/perplexity.cpp): read the file verbatim, strip one trailing newline,
+tokenize once (BOS first when the model adds one); n_chunk = floor(N / n_ctx), capped by --chunks; chunk i
+is tokens[i*n_ctx : (i+1)*n_ctx] with its FIRST token replaced by BOS; each chunk is evaluated from an
+empty cache; positions j = n_ctx/2 .. n_ctx-2 predict token j+1, so 255 tokens per chunk at n_ctx 512;
+nll = logsumexp(logits) - logit[target], summed in double; PPL = exp(mean nll), and
+error = PPL * sqrt((mean(nll^2) - mean(nll)^2) / (count - 1)).
+
+KLD per token, as llama-perplexity --kl-divergence: sum over the vocabulary of p_base * (log p_base - log p),
+with the base's log-probabilities below -16 left out (llama.cpp stores base logits compactly and drops
+those). Both models are evaluated on the same tokens chunk by chunk, so no logits file is needed.
+
+Engines: `torch` runs any model qatlm loads (optionally with a type plan simulated by fake quant, bit-exact
+with the exported weights); `llama.cpp` runs a GGUF through llama-cpp-python. llama.cpp on CPU also
+quantizes activations inside its matmuls and uses an fp16 GELU table, so the two engines agree on the
+tokens and the scoring but not bit for bit on logits: expect PPL within ~1%.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+PERCENTILES = [("max", 100.0), ("99.9%", 99.9), ("99%", 99.0), ("95%", 95.0), ("90%", 90.0), ("median", 50.0),
+               ("10%", 10.0), ("5%", 5.0), ("1%", 1.0), ("0.1%", 0.1), ("min", 0.0)]
+
+
+def read_text(path: str | Path) -> str:
+    """The file verbatim as UTF-8, one trailing newline stripped (as llama-perplexity does)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r}); "
+                         "convert it, e.g. iconv -f latin1 -t utf-8") from None
+    if text.endswith("\n"):
+        text = text[:-1]
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty; perplexity needs text")
+    return text
+
+
+def chunks(tokens: list[int], n_ctx: int, max_chunks: int | None, bos: int | None, data: str = "") -> list[list[int]]:
+    """llama-perplexity's chunks: consecutive n_ctx windows, the first token of each replaced by BOS."""
+    if n_ctx < 4 or n_ctx % 2:
+        raise ValueError(f"--ctx must be an even number >= 4, got {n_ctx}")
+    if len(tokens) < 2 * n_ctx:
+        raise ValueError(f"{data}: {len(tokens)} tokens, but perplexity at --ctx {n_ctx} needs at least "
+                         f"{2 * n_ctx} (2 x ctx, like llama-perplexity); use more text or a smaller --ctx")
+    n = len(tokens) // n_ctx
+    if max_chunks:
+        n = min(n, max_chunks)
+    out = []
+    for i in range(n):
+        c = list(tokens[i * n_ctx:(i + 1) * n_ctx])
+        if bos is not None:
+            c[0] = bos
+        out.append(c)
+    return out
+
+
+# ---- engines: each yields, per chunk, log-softmax rows for the scored positions [n_ctx/2 - 1, vocab] ----
+
+
+class TorchEngine:
+    """Any model qatlm loads; `plan` simulates a type plan with fake quant (in place on a copy)."""
+
+    name = "torch"
+
+    def __init__(self, model: str, plan: str | None = None, threads: int | None = None,
+                 overrides: tuple[str, ...] = ()):
+        from ..student.plan import apply_plan_
+        from ..teacher import load_teacher
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.teacher = load_teacher(model)
+        self.model = self.teacher.model.eval()
+        if plan:
+            apply_plan_(self.model, plan, overrides)
+        self.tokenizer = self.teacher.tokenizer
+        self.label = f"{model}" + (f" (torch, plan {plan})" if plan else " (torch)")
+
+    def tokenize(self, text: str) -> tuple[list[int], int | None]:
+        tok = self.tokenizer
+        ids = tok(text, add_special_tokens=False).input_ids
+        bos = tok.bos_token_id if self._adds_bos() else None
+        return ([bos] + ids if bos is not None else ids), bos
+
+    def _adds_bos(self) -> bool:
+        """The GGUF's tokenizer.ggml.add_bos_token when the model came from one (llama.cpp's rule), else
+        whether the Hugging Face tokenizer puts BOS first by itself."""
+        tok = self.tokenizer
+        if tok.bos_token_id is None:
+            return False
+        if self.teacher.gguf_path is not None:
+            from ..gguf.io import field_value, open_gguf
+
+            return bool(field_value(open_gguf(self.teacher.gguf_path)[1], "tokenizer.ggml.add_bos_token", False))
+        ids = tok("a").input_ids
+        return bool(ids) and ids[0] == tok.bos_token_id
+
+    @torch.no_grad()
+    def logprobs(self, chunk: list[int]) -> torch.Tensor:
+        n = len(chunk)
+        first = n // 2
+        # only the scored positions get logits: never [n_ctx, vocab] for the whole chunk
+        out = self.model(torch.tensor([chunk]), logits_to_keep=n - first)
+        logits = out.logits[0, :-1].to(torch.float32)  # positions first .. n-2
+        return torch.log_softmax(logits, dim=-1)
+
+
+class LlamaCppEngine:
+    """A GGUF through llama-cpp-python (llama.cpp itself)."""
+
+    name = "llama.cpp"
+
+    def __init__(self, model: str, n_ctx: int, threads: int | None = None):
+        import os
+
+        try:
+            import llama_cpp
+        except ImportError:
+            raise ValueError("the llama.cpp engine needs llama-cpp-python (pip install 'qatlm[llama]')") from None
+        from ..gguf.io import validate
+        from ..sources import gguf_path
+
+        try:
+            model = str(gguf_path(model))
+        except ValueError as e:
+            raise ValueError(f"{e} (the llama.cpp engine evaluates GGUF files; use --engine torch otherwise)") from None
+        validate(model)
+        try:
+            self.llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                                       n_threads=threads or os.cpu_count(), verbose=False)
+        except Exception as e:  # llama.cpp reports load failures as a generic ValueError/RuntimeError
+            raise ValueError(f"{model}: llama.cpp could not load this GGUF ({e})") from None
+        self.label = f"{model} (llama.cpp)"
+
+    def tokenize(self, text: str) -> tuple[list[int], int | None]:
+        add_bos = bool(self.llm.metadata.get("tokenizer.ggml.add_bos_token", "true") == "true")
+        ids = self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=False)
+        return ids, (self.llm.token_bos() if add_bos else None)
+
+    def logprobs(self, chunk: list[int]) -> torch.Tensor:
+        n = len(chunk)
+        self.llm.reset()  # eval() then drops the KV cache past position 0: each chunk starts empty
+        self.llm.eval(chunk)
+        logits = torch.from_numpy(np.array(self.llm.scores[n // 2:n - 1], dtype=np.float32))
+        return torch.log_softmax(logits, dim=-1)
+
+
+def make_engine(model: str, engine: str, n_ctx: int, plan: str | None = None, threads: int | None = None,
+                overrides: tuple[str, ...] = ()):
+    if engine == "torch":
+        return TorchEngine(model, plan, threads, overrides)
+    if engine == "llama.cpp":
+        if plan:
+            raise ValueError("--plan simulates quantization in the torch engine; for llama.cpp, quantize the GGUF "
+                             "first (qatlm quantize) and evaluate that file")
+        return LlamaCppEngine(model, n_ctx, threads)
+    raise ValueError(f"unknown engine {engine!r}; use torch or llama.cpp")
+
+
+# ---- statistics -----------------------------------------------------------------------------------
+
+
+def _percentiles(v: np.ndarray) -> dict[str, float]:
+    s = np.sort(v)
+    return {name: float(s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]) for name, q in PERCENTILES}
+
+
+@dataclass
+class EvalResult:
+    model: str
+    data: str
+    engine: str
+    ctx: int
+    n_chunks: int
+    n_scored: int
+    ppl: float
+    ppl_err: float
+    nll_mean: float
+    seconds: float
+    tokens_per_second: float
+    chunk_ppl: list[float] = field(default_factory=list)
+    kld: dict | None = None
+
+    def line(self) -> str:
+        s = f"PPL = {self.ppl:.4f} +/- {self.ppl_err:.4f}  ({self.n_chunks} chunks x {self.ctx}, {self.n_scored} scored " \
+            f"tokens, {self.engine}, {self.tokens_per_second:.1f} tok/s)"
+        if self.kld:
+            k = self.kld
+            s += (f"\nKLD = {k['kld_mean']:.6f} +/- {k['kld_err']:.6f}  same top p = {100 * k['same_top_p']:.3f}%  "
+                  f"RMS dp = {100 * k['rms_dp']:.3f}%  PPL(base) = {k['ppl_base']:.4f}  ratio = {k['ppl_ratio']:.4f}")
+        return s
+
+
+def _ppl(nll: np.ndarray) -> tuple[float, float]:
+    mean = float(nll.mean())
+    ppl = math.exp(mean)
+    var = float((nll.astype(np.float64) ** 2).mean()) - mean * mean
+    return ppl, ppl * math.sqrt(max(var, 0.0) / max(1, len(nll) - 1))
+
+
+def kld_stats(nll_q: np.ndarray, nll_b: np.ndarray, kld: np.ndarray, p_q: np.ndarray, p_b: np.ndarray,
+              top_same: np.ndarray) -> dict:
+    ppl_q, _ = _ppl(nll_q)
+    ppl_b, _ = _ppl(nll_b)
+    dp = p_q - p_b
+    n = len(kld)
+    k_mean = float(kld.mean())
+    k_err = math.sqrt(max(float((kld ** 2).mean()) - k_mean ** 2, 0.0) / max(1, n - 1))
+    d = nll_q - nll_b
+    return {
+        "ppl": ppl_q, "ppl_base": ppl_b, "ppl_ratio": ppl_q / ppl_b,
+        "ln_ppl_ratio": float(d.mean()), "ln_ppl_ratio_err": math.sqrt(max(float((d ** 2).mean() - d.mean() ** 2), 0) / max(1, n - 1)),
+        "nll_correlation": float(np.corrcoef(nll_q, nll_b)[0, 1]) if n > 1 else 1.0,
+        "kld_mean": k_mean, "kld_err": k_err, "kld_percentiles": _percentiles(kld),
+        "dp_mean": float(dp.mean()), "dp_err": math.sqrt(max(float((dp ** 2).mean() - dp.mean() ** 2), 0) / max(1, n - 1)),
+        "dp_percentiles": _percentiles(dp), "rms_dp": math.sqrt(float((dp ** 2).mean())),
+        "same_top_p": float(top_same.mean()), "n": n,
+    }
+
+
+def evaluate(model: str, data: str | Path, ctx: int = 512, chunks_cap: int | None = None,
+             engine: str = "llama.cpp", plan: str | None = None, kld_base: str | None = None,
+             threads: int | None = None, progress: bool = True, keep_kld_values: bool = False,
+             overrides: tuple[str, ...] = ()) -> EvalResult:
+    """Perplexity (and KLD against `kld_base`) of `model` on `data`, llama-perplexity style."""
+    text = read_text(data)
+    eng = make_engine(model, engine, ctx, plan, threads, overrides)
+    base = make_engine(kld_base, engine, ctx, None, threads) if kld_base else None
+    tokens, bos = eng.tokenize(text)
+    if base is not None:
+        btokens, _ = base.tokenize(text)
+        if btokens != tokens:
+            raise ValueError(f"{model} and {kld_base} tokenize {data} differently; KLD needs the same vocabulary")
+    cs = chunks(tokens, ctx, chunks_cap, bos, str(data))
+    nll, nll_b, kld, p_q, p_b, same = [], [], [], [], [], []
+    chunk_ppl = []
+    it: Iterator = iter(cs)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(cs, desc=f"perplexity ({eng.name})", unit="chunk")
+    t0 = time.perf_counter()
+    for c in it:
+        lp = eng.logprobs(c).to(torch.float64)  # [n/2 - 1, vocab]
+        targets = torch.tensor(c[ctx // 2 + 1:], dtype=torch.long)  # original tokens j+1 (never the BOS slot)
+        row = -lp.gather(1, targets[:, None])[:, 0]
+        nll.append(row.numpy())
+        chunk_ppl.append(math.exp(float(row.mean())))
+        if base is not None:
+            lb = base.logprobs(c).to(torch.float64)
+            keep = lb > -16  # as llama.cpp's stored base logits
+            pb = lb.exp()
+            kld.append(torch.where(keep, pb * (lb - lp), torch.zeros_like(lb)).sum(1).numpy())
+            nll_b.append((-lb.gather(1, targets[:, None])[:, 0]).numpy())
+            p_q.append(lp.gather(1, targets[:, None])[:, 0].exp().numpy())
+            p_b.append(pb.gather(1, targets[:, None])[:, 0].numpy())
+            same.append((lp.argmax(1) == lb.argmax(1)).numpy())
+        if progress:
+            allnll = np.concatenate(nll)
+            it.set_postfix(ppl=f"{math.exp(allnll.mean()):.3f}")
+    secs = time.perf_counter() - t0
+    all_nll = np.concatenate(nll)
+    ppl, err = _ppl(all_nll)
+    kd = None
+    if base is not None:
+        kd = kld_stats(all_nll, np.concatenate(nll_b), np.concatenate(kld), np.concatenate(p_q),
+                       np.concatenate(p_b), np.concatenate(same))
+        if keep_kld_values:
+            kd["values"] = np.concatenate(kld).tolist()
+    evaluated = len(cs) * ctx * (2 if base is not None else 1)
+    return EvalResult(eng.label, str(data), eng.name, ctx, len(cs), len(all_nll), ppl, err, float(all_nll.mean()),
+                      secs, evaluated / secs, chunk_ppl, kd)
+
+
+def to_dict(r: EvalResult) -> dict:
+    return asdict(r)
+
+
+def add_parsers(sub) -> None:
+    from ..atomic import atomic_write_text
+    from ..cli import command, eval_args, plan_args
+
+    def run(a) -> None:
+        r = evaluate(a.model, a.data, a.ctx, a.chunks, a.engine, a.plan, a.kld_base, a.threads,
+                     overrides=tuple(a.override))
+        print(r.line())
+        if r.kld:
+            k = r.kld
+            print("KLD percentiles: " + ", ".join(f"{n} {v:.5f}" for n, v in k["kld_percentiles"].items()))
+            print("dp percentiles:  " + ", ".join(f"{n} {100 * v:+.3f}%" for n, v in k["dp_percentiles"].items()))
+        if a.json:
+            import json
+
+            atomic_write_text(a.json, json.dumps(to_dict(r), indent=1))
+
+    p = command(sub, "eval", "Perplexity (and KL-divergence) exactly as llama-perplexity computes it.",
+                "qatlm eval model.gguf --data tempest.txt --chunks 6 --kld-base teacher.gguf", run)
+    p.add_argument("model", help="a GGUF file, a Hugging Face directory (--engine torch), or 'bundled'")
+    eval_args(p)
+    plan_args(p, default=None)
+    p.add_argument("--kld-base", help="also report KL-divergence statistics against this model")
+    p.add_argument("--json", type=Path, help="also write the result as JSON here")

@@ -1,0 +1,167 @@
+"""`qatlm run`: the whole pipeline in one command, on the embedded default or your own model and text.
+
+    qatlm run                                   # Gemma 3 270M, Shakespeare, Q4_0, ~13 min on a 2-core CPU
+    qatlm run --budget-minutes 30 --out runs/long
+
+Training settings come from a recipe (qatlm/recipes/default.yaml unless --config) under the one rule of
+qatlm.train.config: defaults < recipe < the saved run < flags. Stages, each skipped when its output already
+exists (outputs are written atomically, training resumes from its checkpoint), so an interrupted `qatlm run`
+picks up where it stopped; flags that would change a finished or started run are refused with a message:
+  1. teacher: loaded once for the whole job (the bundled Gemma 3 270M GGUF, or --teacher);
+  2. data: the Shakespeare texts minus the held-out play (both editions), the held-out play as in-domain
+     evaluation text, and a text from another domain (the GPL-3 licence, shipped with qatlm) as out-of-domain;
+  3. PTQ: `qatlm quantize` with the plan (byte-identical to llama-quantize);
+  4. QAT: `qatlm train` within the time budget, then export: the QAT GGUF, its unquantized HF checkpoint, and
+     an Ollama Modelfile beside it;
+  5. report: teacher / PTQ / QAT measured by llama.cpp on the written files, in- and out-of-domain, with the
+     share of the PTQ drop removed; Markdown + JSON + plots (training curves included).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .atomic import atomic_write_text, save_figure
+from .cli import command
+from .corpora import default_split, ood_text
+from .eval.compare import compare
+from .gguf.export import export_gguf, export_run
+from .gguf.ptq import quantize_gguf
+from .sources import resolve
+from .teacher import load_teacher
+from .train import config as C
+from .train.checkpoint import checkpoint_dir
+from .train.loop import add_train_flags, flags_of, train
+
+
+def plot_training(metrics: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax[0].plot([r["step"] for r in rows], [r["kl"] for r in rows], lw=1)
+    ax[0].set_xlabel("step")
+    ax[0].set_ylabel("KL(teacher || student)")
+    ax[0].set_title("distillation loss")
+    ax[1].plot([r["step"] for r in rows], [r["lr"] for r in rows], lw=1, color="#dd8452")
+    ax[1].set_xlabel("step")
+    ax[1].set_title("learning rate")
+    fig.tight_layout()
+    save_figure(fig, out)
+    plt.close(fig)
+
+
+def steps_done(run_dir: Path) -> int:
+    m = run_dir / "metrics.jsonl"
+    return sum(1 for line in m.read_text().splitlines() if line.strip()) if m.is_file() else 0
+
+
+def job_config(out: Path, recipe: str | Path | None, flags: dict) -> tuple[C.TrainConfig, bool, list[str]]:
+    """(training config, whether a run was started before, what the flags change in it): the recipe's settings
+    for a new job; the saved ones (plus the flags that are safe to change) for a job that was started."""
+    run_dir = out / "train"
+    flags = {**flags, "out": str(run_dir)}
+    started = (run_dir / "config.yaml").is_file()
+    if not started and not flags.get("data") and not flags.get("data_free"):
+        flags["data"] = default_split()[0]
+    notes: list[str] = []
+    cfg = C.resolve(recipe or "default", saved=run_dir if started else None, flags=flags, notes=notes)
+    return cfg, started, notes
+
+
+def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe: str | Path | None = None,
+            eval_text: str | None = None, ood: str | None = None, eval_ctx: int = 512, eval_chunks: int | None = 6,
+            stop_after: int | None = None) -> dict:
+    """Run (or resume) the whole job; returns the summary (also written to OUT/summary.json).
+    `flags`: TrainConfig settings given explicitly (e.g. {"steps": 200, "lora_rank": 16})."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, started, notes = job_config(out, recipe, flags or {})
+    plan = cfg.plan
+    qat, qat_hf, ptq = out / f"qat-{plan}.gguf", out / f"qat-{plan}-hf", out / f"ptq-{plan}.gguf"
+    run_dir = Path(cfg.out)
+    if notes and qat.exists():
+        raise ValueError(f"{out} is a finished job ({qat.name} exists); these flags would change its training: "
+                         f"{'; '.join(notes)}. Use another --out, or delete {qat} to continue training with them")
+    if not eval_text:
+        if (flags or {}).get("data"):
+            raise ValueError("--eval-text is required with --data (text held out from training, same domain)")
+        eval_text = str(default_split()[1])
+    ood = ood or str(ood_text())
+    src = resolve(cfg.teacher)
+
+    print(f"[1/5] teacher {src.path}")
+    t = None  # loaded at most once, when a stage needs the torch model
+    if not (qat.exists() and (src.kind == "gguf" or (out / "teacher-f32.gguf").exists()) and ptq.exists()):
+        t = load_teacher(cfg.teacher)
+    print("[2/5] " + (f"{len(cfg.data)} training files" if cfg.data else
+                      f"data-free: {cfg.data_free} sequences sampled from the teacher")
+          + f"; in-domain eval {eval_text}; out-of-domain eval {ood}")
+
+    if ptq.exists():
+        print(f"[3/5] PTQ: {ptq} exists")
+    else:
+        print(f"[3/5] PTQ -> {ptq}")
+        if src.kind == "gguf":
+            quantize_gguf(src.path, ptq, plan, tuple(cfg.overrides))
+        else:
+            export_gguf(t.model, ptq, plan, tuple(cfg.overrides), hf_dir=t.hf_dir)
+    teacher_gguf = src.path if src.kind == "gguf" else out / "teacher-f32.gguf"
+    if not teacher_gguf.exists():
+        export_gguf(t.model, teacher_gguf, "f32", hf_dir=t.hf_dir)
+
+    if qat.exists():
+        print(f"[4/5] QAT: {qat} exists")
+    else:
+        resume = started and checkpoint_dir(run_dir) is not None
+        print(f"[4/5] QAT: " + (f"resuming {run_dir}" + (f" ({'; '.join(notes)})" if notes else "") if resume else
+                                f"training for up to {cfg.budget_minutes:g} min -> {run_dir}"))
+        train(cfg, resume=resume, stop_after=stop_after, teacher=t)
+        if steps_done(run_dir) < C.resolve(saved=run_dir).steps:
+            return {"interrupted": True}
+        export_run(run_dir, qat, qat_hf, teacher=t)
+        atomic_write_text(out / "Modelfile", f"# Ollama: ollama create qatlm-{plan} -f Modelfile\nFROM ./{qat.name}\n")
+    plot_training(run_dir / "metrics.jsonl", out / "training.png")
+
+    print("[5/5] report (llama.cpp on the written files)")
+    results = {}
+    for label, text in (("in_domain", eval_text), ("out_of_domain", ood)):
+        results[label] = compare(str(teacher_gguf), [], text, out / f"report_{label}", eval_ctx, eval_chunks,
+                                 "llama.cpp", ptq=str(ptq), qat=str(qat))
+    summary = {"teacher": str(teacher_gguf), "ptq": str(ptq), "qat": str(qat), "plan": plan,
+               "qat_hf": str(qat_hf), "modelfile": str(out / "Modelfile"),
+               "qat_size_mb": qat.stat().st_size / 1e6, "steps": steps_done(run_dir), "results": {}}
+    md = ["# qatlm run", "", f"Plan `{plan}`, {summary['steps']} training steps. Training curves: training.png", ""]
+    for label, r in results.items():
+        rows = {row["role"]: row for row in r["rows"]}
+        summary["results"][label] = {"data": r["data"], "ppl_teacher": rows["teacher"]["ppl"],
+                                     "ppl_ptq": rows["ptq"]["ppl"], "ppl_qat": rows["qat"]["ppl"],
+                                     "share_removed": r.get("share_of_ptq_drop_removed"),
+                                     "kld_ptq": rows["ptq"]["kld"], "kld_qat": rows["qat"]["kld"]}
+        md += [f"## {label.replace('_', '-')}", "", r["markdown"], f"![report](report_{label}/report.png)", ""]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    print(f"\nOutputs in {out}: {qat.name} ({summary['qat_size_mb']:.1f} MB), {qat_hf.name}/, Modelfile, "
+          f"{ptq.name}, report.md, summary.json, training.png")
+    for label, r in summary["results"].items():
+        share = r["share_removed"]
+        tail = f"{100 * share:.1f}% of the PTQ drop removed" if share is not None else "PTQ shows no drop here"
+        print(f"{label:>13}: PPL teacher {r['ppl_teacher']:.2f} / PTQ {r['ppl_ptq']:.2f} / QAT {r['ppl_qat']:.2f}"
+              f" -> {tail}")
+    return summary
+
+
+def add_parsers(sub) -> None:
+    def main(a) -> None:
+        run_job(a.out, flags_of(a), a.config, a.eval_text, a.ood, eval_chunks=a.eval_chunks)
+
+    p = command(sub, "run", "The whole job: teacher, PTQ, QAT, export (GGUF, HF, Modelfile) and the report. "
+                "Run it again to resume.", "qatlm run --budget-minutes 9 --out runs/default", main)
+    add_train_flags(p, C.resolve("default"))
+    p.add_argument("--out", default="runs/default", help="output directory (default runs/default)")
+    p.add_argument("--eval-text", help="in-domain evaluation text, held out from training (default: The Tempest)")
+    p.add_argument("--ood", help="out-of-domain evaluation text (default: the GPL-3 text shipped with qatlm)")
+    p.add_argument("--eval-chunks", type=int, default=6, help="chunks of 512 tokens per evaluation (default 6)")

@@ -1,0 +1,187 @@
+"""Fake-quant modules: prepare(model, plan) -> train -> convert(model), as torchao's QAT does it.
+
+prepare() replaces each Linear (and the embedding, whose weight Gemma's tied output shares) whose planned GGUF
+type is a block format by a module that computes with fake_quant(weight): the student always sees exactly the
+values the GGUF will hold, and the straight-through gradient updates the latent float weight. The new modules
+share the original Parameter objects, so state_dict names, tying and optimizer state are unchanged. convert()
+puts plain modules back, holding the latent weights, which `export_gguf` quantizes to the very bytes the
+student trained with (tested), and which are the "unquantized QAT checkpoint".
+
+Teachers that were themselves quantized (every GGUF teacher) put many weights exactly on decision boundaries
+of the target format: a Q5_0 lattice has 47.5% of its values on Q4_0 boundaries, so a 1e-6 update flips 24% of
+the codes at the first step and perplexity explodes. `snap_toward_grid_` moves every trainable weight a small
+fraction of the way toward its PTQ value first: it stays in the bin PTQ picked (same codes, same scales, so the
+student starts exactly at PTQ), but no longer on the edge of it.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import arch, formats
+from .plan import plan_types
+
+
+class FakeQuantLinear(nn.Linear):
+    """nn.Linear whose forward uses fake_quant(weight, fmt); `enabled` switches fake quant on and off.
+
+    With LoRA adapters (student.lora), the weight it quantizes is the merged W + scale * B @ A."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, fmt: str = "q4_0", device=None):
+        super().__init__(in_features, out_features, bias, device=device)
+        self.fmt = fmt
+        self.enabled = True
+        self.lora_A: nn.Parameter | None = None  # [rank, in]
+        self.lora_B: nn.Parameter | None = None  # [out, rank]
+        self.lora_scale = 1.0
+
+    @classmethod
+    def from_linear(cls, m: nn.Linear, fmt: str) -> "FakeQuantLinear":
+        new = cls(m.in_features, m.out_features, m.bias is not None, fmt, device="meta")
+        new.weight, new.bias = m.weight, m.bias  # the same Parameters: tying and state_dict names kept
+        return new
+
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the weight the forward computed with before quantization (LoRA merged)."""
+        m = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        if self.lora_A is not None:
+            with torch.no_grad():
+                m.weight = nn.Parameter(self.merged_weight().detach().to(self.weight.dtype), requires_grad=False)
+        else:
+            m.weight = self.weight
+        m.bias = self.bias
+        return m
+
+    def merged_weight(self) -> torch.Tensor:
+        if self.lora_A is None:
+            return self.weight
+        return self.weight + (self.lora_B @ self.lora_A) * self.lora_scale
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the forward computes with: fake_quant(merged weight) when enabled (fp32)."""
+        w = self.merged_weight()
+        return formats.fake_quant(w, self.fmt) if self.enabled else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.effective_weight().to(x.dtype), self.bias)
+
+
+class FakeQuantEmbedding(nn.Embedding):
+    """nn.Embedding whose lookups use fake_quant(weight). Only the looked-up rows are quantized: a row is whole
+    blocks, so this equals quantizing the table. `scale` is the family's run-time embedding factor (Gemma's
+    sqrt(hidden), arch.Arch.embed_scale), applied after quantization as llama.cpp applies it."""
+
+    def __init__(self, num: int, dim: int, fmt: str = "q8_0", scale: float | None = None, device=None):
+        super().__init__(num, dim, device=device)
+        self.fmt = fmt
+        self.enabled = True
+        self.scale = scale
+        self._original: nn.Embedding | None = None  # what convert() puts back (a plain attribute, not a child)
+
+    @classmethod
+    def from_embedding(cls, m: nn.Embedding, fmt: str, scale: float | None) -> "FakeQuantEmbedding":
+        new = cls(m.num_embeddings, m.embedding_dim, fmt, scale, device="meta")
+        new.weight, new.padding_idx = m.weight, m.padding_idx
+        object.__setattr__(new, "_original", m)
+        return new
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(ids.reshape(-1), self.weight)  # [n, dim]: gradient flows to these rows
+        if self.enabled:
+            rows = formats.fake_quant(rows, self.fmt).to(rows.dtype)
+        out = rows.view(*ids.shape, -1)
+        # the same fp32 scalar tensor transformers' scaled embedding multiplies by
+        return out * torch.tensor(self.scale).to(out.dtype) if self.scale is not None else out
+
+
+class FakeQuantTiedHead(nn.Module):
+    """The output projection of a model with tied embeddings: logits = h @ fake_quant(embedding)^T."""
+
+    def __init__(self, embedding: nn.Embedding, fmt: str):
+        super().__init__()
+        self.embedding = embedding
+        self.fmt = fmt
+        self.enabled = True
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    def effective_weight(self) -> torch.Tensor:
+        """The output weight the forward computes with: fake_quant(embedding) when enabled (fp32)."""
+        return formats.fake_quant(self.embedding.weight, self.fmt) if self.enabled else self.embedding.weight
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(h, self.effective_weight().to(h.dtype))
+
+
+FAKE_QUANT_MODULES = (FakeQuantLinear, FakeQuantEmbedding, FakeQuantTiedHead)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def prepare(model: nn.Module, plan: str = "q4_0", overrides: tuple[str, ...] = ()) -> dict[str, str]:
+    """Swap modules for fake-quant ones following `plan` (in place). Returns {param name: type}."""
+    types = plan_types(model, plan, overrides)
+    scale = arch.of(model).embed_scale(arch.of(model).text_config(model.config))
+    modules = dict(model.named_modules())
+    for pname, t in types.items():
+        if t not in formats.names() or not pname.endswith(".weight"):
+            continue
+        mname = pname[: -len(".weight")]
+        m = modules[mname]
+        if type(m) is nn.Linear:
+            _swap(model, mname, FakeQuantLinear.from_linear(m, t))
+        elif isinstance(m, nn.Embedding):  # includes transformers' scaled embedding subclasses
+            _swap(model, mname, FakeQuantEmbedding.from_embedding(m, t, scale))
+    head = getattr(model, "lm_head", None)
+    emb = model.get_input_embeddings()
+    if head is not None and head.weight is emb.weight and isinstance(emb, FakeQuantEmbedding):
+        model.lm_head = FakeQuantTiedHead(emb, emb.fmt)
+    return types
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    """Switch fake quant on/off everywhere (e.g. on only after N warm-up steps)."""
+    for m in model.modules():
+        if isinstance(m, FAKE_QUANT_MODULES):
+            m.enabled = enabled
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Plain modules again, holding the latent weights (export quantizes them to what the student saw).
+    LoRA adapters are merged into their weights first, with the very computation the forward used."""
+    if isinstance(getattr(model, "lm_head", None), FakeQuantTiedHead):
+        emb = model.lm_head.embedding
+        head = nn.Linear(emb.weight.shape[1], emb.weight.shape[0], bias=False, device="meta")
+        head.weight = emb.weight
+        model.lm_head = head
+    for name, m in list(model.named_modules()):
+        if isinstance(m, FakeQuantLinear):
+            _swap(model, name, m.to_linear())
+        elif isinstance(m, FakeQuantEmbedding):
+            orig = m._original
+            orig.weight = m.weight
+            _swap(model, name, orig)
+    return model
+
+
+@torch.no_grad()
+def snap_toward_grid_(model: nn.Module, plan: str, alpha: float = 0.05, overrides: tuple[str, ...] = ()) -> int:
+    """w <- w + alpha * (fake_quant(w) - w) for every weight the plan quantizes. Returns how many weights
+    changed. Codes and scales stay those of PTQ (checked by tests); weights leave the decision boundaries."""
+    types = plan_types(model, plan, overrides)
+    changed = 0
+    for name, p in model.named_parameters(remove_duplicate=True):
+        t = types.get(name)
+        if t not in formats.names():
+            continue
+        flat = p.detach().reshape(-1, p.shape[-1])
+        q = formats.fake_quant(flat.float(), t)
+        new = flat.float() + alpha * (q - flat.float())
+        changed += int((new != flat.float()).sum())
+        p.copy_(new.reshape(p.shape).to(p.dtype))
+    return changed

@@ -1,0 +1,86 @@
+"""Training checkpoints: torch.distributed.checkpoint (DCP) directories that resume on any number of processes.
+
+A run directory's `checkpoint/` holds the student's weights and the optimizer state (each process writes its
+shards; loading reshards, so 2 -> 1 processes works: tested) plus state.pt (step, RNG state) from rank 0. The
+same format serves single-process runs. It is written to `checkpoint.partial/` and swapped in whole by rank 0
+(qatlm.atomic.swap_in), so an interrupted save leaves the previous checkpoint usable.
+"""
+from __future__ import annotations
+
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..atomic import old_name, swap_in
+from .dist import Context, barrier
+
+CKPT = "checkpoint"
+
+
+@contextmanager
+def _quiet():
+    """DCP warns that it runs single-process when no process group exists: that is intended here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
+        yield
+
+
+def checkpoint_dir(run: Path) -> Path | None:
+    """The complete checkpoint of a run directory, if any (a swap interrupted mid-way leaves the old one)."""
+    for d in (Path(run) / CKPT, old_name(Path(run) / CKPT)):
+        if (d / "state.pt").is_file():
+            return d
+    return None
+
+
+def checkpoint_step(run: Path) -> int:
+    ck = checkpoint_dir(run)
+    return int(torch.load(ck / "state.pt", map_location="cpu", weights_only=True)["step"]) if ck else 0
+
+
+def save_checkpoint(run: Path, ctx: Context, student: nn.Module, opt, step: int) -> None:
+    """DCP save of student + optimizer (each process its shards), plus state.pt (step, RNG) from rank 0."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    tmp = run / (CKPT + ".partial")
+    if ctx.main and tmp.exists():
+        shutil.rmtree(tmp)
+    barrier(ctx)
+    msd, osd = get_state_dict(student, opt)
+    with _quiet():
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    barrier(ctx)
+    if ctx.main:
+        torch.save({"step": step, "torch_rng": torch.get_rng_state(), "world": ctx.world}, tmp / "state.pt")
+        swap_in(tmp, run / CKPT)
+    barrier(ctx)
+
+
+def load_checkpoint(run: Path, student: nn.Module, opt=None) -> int:
+    """Load the run's checkpoint into student (and opt), resharding to this job's processes. Returns the step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                         set_model_state_dict, set_state_dict)
+
+    ck = checkpoint_dir(run)
+    if ck is None:
+        raise ValueError(f"{run}: no complete checkpoint ({CKPT}/ with state.pt); train first or check the path")
+    with _quiet():
+        if opt is not None:
+            msd, osd = get_state_dict(student, opt)
+            sd = {"model": msd, "optim": osd}
+            dcp.load(sd, checkpoint_id=str(ck))
+            set_state_dict(student, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        else:
+            sd = {"model": get_model_state_dict(student)}
+            dcp.load(sd, checkpoint_id=str(ck))
+            set_model_state_dict(student, sd["model"], options=StateDictOptions(strict=True))
+    state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"])

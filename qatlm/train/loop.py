@@ -1,0 +1,325 @@
+"""Stage 3, training: distill a fake-quantized student from its teacher, with checkpoints and exact resume.
+
+    qatlm train --teacher bundled --data texts/ --plan q4_0 --steps 200 --out runs/q4
+    qatlm train --resume runs/q4 [--steps 400]
+    qatlm export runs/q4 runs/q4/qat-q4_0.gguf --hf runs/q4/qat-hf
+
+`train()` reads top to bottom in named stages: setup, teacher, data, student, optimizer, (resume), loop,
+checkpoint. A run directory holds config.yaml (the merged config: qatlm.train.config), metrics.jsonl (one line
+per step), checkpoint/ (qatlm.train.checkpoint) and heldout.pt (the held-out token blocks). The data order is a
+pure function of (seed, epoch) (`batch_indices`) and the learning rate of the step (`lr_at`), so a resumed run
+continues exactly where the checkpoint was taken: on CPU bit-identical to an uninterrupted run (tested). A
+NaN/inf loss stops the run with a message; the last good checkpoint is kept. Under torchrun the same loop runs
+data-parallel with FSDP2 (qatlm.train.dist).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from ..atomic import atomic_write_text
+from ..cli import command
+from ..student import add_lora, convert, prepare, set_fake_quant, snap_toward_grid_
+from ..teacher import Teacher, load_teacher
+from . import config as C
+from . import dist
+from .checkpoint import checkpoint_dir, checkpoint_step, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import blocks_from_stream, load_blocks
+from .kd_loss import kd_loss
+from .synthetic import synthetic_stream
+
+
+# ---- pure functions of the step: what makes resume exact -------------------------------------------------
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio (step counts from 0)."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def batch_indices(n_blocks: int, step: int, micro: int, batch_size: int, accum: int, seed: int) -> list[int]:
+    """The block indices of micro-batch `micro` of `step`: a seeded permutation per epoch (pure function)."""
+    start = (step * accum + micro) * batch_size
+    out = []
+    for k in range(start, start + batch_size):
+        epoch, pos = divmod(k, n_blocks)
+        perm = np.random.default_rng([seed, epoch]).permutation(n_blocks)
+        out.append(int(perm[pos]))
+    return out
+
+
+def steps_for_budget(budget_minutes: float, seconds_per_step: float, steps: int) -> int:
+    """How many steps fit the budget (at least 2, at most `steps`)."""
+    return min(steps, max(2, int(budget_minutes * 60 / seconds_per_step)))
+
+
+# ---- the pieces -------------------------------------------------------------------------------------------
+
+def build_student(cfg: TrainConfig, teacher_model: torch.nn.Module) -> torch.nn.Module:
+    """The teacher's copy, snapped toward the grid, with fake-quant modules (and LoRA) as the config says.
+    Used by training and by load_run (whose checkpoint then overwrites every weight)."""
+    student = copy.deepcopy(teacher_model)
+    if cfg.snap:
+        snap_toward_grid_(student, cfg.plan, cfg.snap, tuple(cfg.overrides))
+    prepare(student, cfg.plan, tuple(cfg.overrides))
+    if cfg.lora_rank:
+        add_lora(student, cfg.lora_rank, cfg.lora_alpha)  # freezes everything else
+    else:
+        for name, p in student.named_parameters():
+            p.requires_grad_(cfg.train_embeddings or "embed" not in name)
+    return student
+
+
+def training_blocks(cfg: TrainConfig, run: Path, teacher: Teacher, ctx: dist.Context):
+    """(train blocks, held-out blocks) [n, seq_len]: the corpus, or text the teacher samples (--data-free)."""
+    if cfg.data:
+        return load_blocks(cfg.data, teacher.tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.seed,
+                           cache=run / "tokens")
+    if cfg.data_free < 2:
+        raise ValueError("no training data: give --data FILES_OR_DIRS, or --data-free N to train on N sequences "
+                         "the teacher samples itself (N >= 2)")
+    stream = synthetic_stream(run, teacher.model, teacher.tokenizer, cfg.data_free, cfg.seq_len, cfg.seed,
+                              ctx.device, progress=ctx.main)
+    return blocks_from_stream(stream, teacher.tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.seed, "sampled")
+
+
+def _main_first(ctx: dist.Context, fn):
+    """Rank 0 first (it may fill a cache: the converted teacher, the token cache), then the others."""
+    out = fn() if ctx.main else None
+    dist.barrier(ctx)
+    return fn() if not ctx.main else out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint being resumed from (they will be recomputed)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None,
+          teacher: Teacher | None = None) -> Path:
+    """Run (or resume) training; returns the run directory. `teacher`: an already loaded Teacher of
+    cfg.teacher (qatlm run loads it once). `stop_after` ends early after that step (tests)."""
+    # setup
+    run = Path(cfg.out)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of the {world} processes: each step's "
+                         "micro-batch is split evenly across them (use --batch-size or --grad-accum)")
+    ctx = dist.setup(cfg.device)
+    run.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if ctx.main:
+        C.save(cfg, run)
+
+    # teacher
+    t = teacher if teacher is not None else _main_first(ctx, lambda: load_teacher(cfg.teacher))
+    t.model.eval().to(ctx.device).requires_grad_(False)
+
+    # data
+    train_blocks, held = _main_first(ctx, lambda: training_blocks(cfg, run, t, ctx))
+    if ctx.main:
+        torch.save(held, run / "heldout.pt")
+
+    # student
+    student = build_student(cfg, t.model).to(ctx.device)
+
+    def loss_fn(s, tch, ids):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
+            return kd_loss(s, tch, ids, cfg.temperature, cfg.ce_weight, cfg.kd_chunk)
+
+    kd_step = (dist.shard(dist.KDStep(student, t.model, loss_fn, cfg.shard_teacher), ctx)
+               if ctx.distributed else None)
+
+    # optimizer
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    # resume
+    step = load_checkpoint(run, student, opt) if resume and checkpoint_dir(run) else 0
+    if ctx.main:
+        _truncate_metrics(run / "metrics.jsonl", step)
+    student.train()
+    set_fake_quant(student, step >= cfg.fake_quant_after)
+
+    # loop
+    bar = tqdm(total=cfg.steps, initial=step, desc="QAT" + (f" x{ctx.world}" if ctx.distributed else ""), unit="step",
+               disable=not (progress and ctx.main))
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    metrics = open(run / "metrics.jsonl", "a") if ctx.main else open(os.devnull, "w")
+    with metrics:
+        while step < cfg.steps:
+            t0 = time.perf_counter()
+            if step == cfg.fake_quant_after:
+                set_fake_quant(student, True)
+            lr = lr_at(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            opt.zero_grad(set_to_none=True)
+            kl = ce = 0.0
+            for micro in range(cfg.grad_accum):
+                idx = batch_indices(len(train_blocks), step, micro, cfg.batch_size, cfg.grad_accum, cfg.seed)
+                ids = train_blocks[idx[ctx.rank::ctx.world]].to(ctx.device)  # this process's share
+                loss, parts = kd_step(ids) if kd_step is not None else loss_fn(student, t.model, ids)
+                if dist.mean_over_ranks(ctx, [float(not torch.isfinite(loss))])[0]:
+                    raise FloatingPointError(
+                        f"loss is {float(loss.detach())} at step {step + 1}; the run stopped and {run}/checkpoint "
+                        f"(step {checkpoint_step(run)}) is kept. Lower --lr or raise --warmup, then "
+                        f"`qatlm train --resume {run}`")
+                (loss / cfg.grad_accum).backward()
+                kl += parts["kl"] / cfg.grad_accum
+                ce += parts["ce"] / cfg.grad_accum
+            gnorm = dist.clip_grad_norm(params, cfg.clip)
+            opt.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            kl, ce, dt = dist.mean_over_ranks(ctx, [kl, ce, dt])
+            rec = {"step": step, "loss": kl + cfg.ce_weight * ce, "kl": kl, "ce": ce, "lr": lr, "grad_norm": gnorm,
+                   "fake_quant": step > cfg.fake_quant_after, "seconds": dt, "tokens_per_s": tokens_per_step / dt}
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+            bar.update()
+            bar.set_postfix(kl=f"{kl:.4f}", ce=f"{ce:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+            if cfg.budget_minutes and step == 2 and not resume:  # step 1 includes one-time compile costs
+                fit = steps_for_budget(cfg.budget_minutes, dt, cfg.steps)  # dt: the same mean on every process
+                if fit < cfg.steps:  # the schedule's length (lr_at): saved, so that a resumed run keeps it
+                    cfg = dataclasses.replace(cfg, steps=fit)
+                    bar.total = fit
+                    if ctx.main:
+                        C.save(cfg, run)
+
+            # checkpoint
+            if step % cfg.save_every == 0 or step == cfg.steps:
+                save_checkpoint(run, ctx, student, opt, step)
+            if stop_after is not None and step >= stop_after:
+                break
+    bar.close()
+    if ctx.distributed:
+        dist.barrier(ctx)
+        torch.distributed.destroy_process_group()
+    return run
+
+
+def load_run(run_dir: str | Path, teacher: Teacher | None = None):
+    """(config, teacher, student with the checkpoint's latent weights as plain modules) of a run directory."""
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file() or checkpoint_dir(run) is None:
+        raise ValueError(f"{run}: not a qatlm run directory with a checkpoint (config.yaml + checkpoint/)")
+    cfg = C.resolve(saved=run)
+    t = teacher if teacher is not None else load_teacher(cfg.teacher)
+    student = build_student(cfg, t.model)
+    load_checkpoint(run, student)
+    convert(student)
+    return cfg, t, student
+
+
+# ---- the command ------------------------------------------------------------------------------------------
+
+# flags of `qatlm train` / `qatlm run` that are TrainConfig fields: flag -> (field, type, help)
+TRAIN_FLAGS = {
+    "--teacher": ("teacher", str, "a .gguf, a Hugging Face directory, or 'bundled'"),
+    "--data": ("data", None, "training .txt/.jsonl/.parquet files or folders"),
+    "--plan": ("plan", str, "the type plan to train for (q4_0, q4_k_m, ...; see `qatlm plan`)"),
+    "--steps": ("steps", int, "optimizer steps"),
+    "--lr": ("lr", float, "peak learning rate"),
+    "--seq-len": ("seq_len", int, "tokens per training sequence"),
+    "--batch-size": ("batch_size", int, "sequences per micro-batch"),
+    "--grad-accum": ("grad_accum", int, "micro-batches per step"),
+    "--save-every": ("save_every", int, "checkpoint every N steps"),
+    "--seed": ("seed", int, "random seed (data order, LoRA init, sampling)"),
+    "--budget-minutes": ("budget_minutes", float, "size the schedule to this training time (measured at step 2)"),
+    "--data-free": ("data_free", int, "no corpus: train on N sequences of --seq-len tokens sampled from the teacher "
+                    "(saved in the run directory)"),
+    "--lora": ("lora_rank", int, "train LoRA adapters of this rank inside the fake quantizer instead of every weight"),
+}
+
+
+def add_train_flags(p, defaults: TrainConfig) -> None:
+    """The TRAIN_FLAGS on parser p, each help showing the default it falls back to."""
+    for flag, (key, typ, help_) in TRAIN_FLAGS.items():
+        d = getattr(defaults, key)
+        shown = f" (default: {d})" if d not in (None, [], 0, "") else ""
+        kw = {"nargs": "+"} if key == "data" else {"type": typ}
+        p.add_argument(flag, dest=key, metavar=key.upper() if typ is not None else None, help=help_ + shown, **kw)
+    p.add_argument("--override", dest="overrides", action="append", metavar="PATTERN=TYPE",
+                   help="plan override: tensors whose GGUF name matches PATTERN get TYPE; repeatable")
+    p.add_argument("--config", help="a recipe YAML of TrainConfig fields (or a shipped recipe name, e.g. default); "
+                   "flags override it")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other TrainConfig field")
+
+
+def flags_of(a) -> dict:
+    """The TrainConfig settings given on the command line (flags, then --set)."""
+    out = {key: getattr(a, key) for key, _, _ in TRAIN_FLAGS.values() if getattr(a, key, None) is not None}
+    if getattr(a, "overrides", None):
+        out["overrides"] = a.overrides
+    return {**out, **C.parse_set(a.set)}
+
+
+def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> int:
+    rest, skip = [], False
+    for x in argv:
+        if skip:
+            skip = False
+        elif x == "--nproc":
+            skip = True
+        elif not x.startswith("--nproc="):
+            rest.append(x)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "qatlm", *rest]
+    print("launching: " + " ".join(cmd), file=sys.stderr)
+    return subprocess.run(cmd).returncode
+
+
+def main(a) -> int:
+    if a.nproc and a.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _relaunch_under_torchrun(a.nproc, a.argv)
+    flags = flags_of(a)
+    if a.resume:
+        notes: list[str] = []
+        cfg = C.resolve(a.config, saved=a.resume, flags=flags, notes=notes)
+        if notes and os.environ.get("RANK", "0") == "0":
+            print(f"resuming {a.resume} with: " + "; ".join(notes), file=sys.stderr)
+        train(cfg, resume=True)
+    else:
+        train(C.resolve(a.config, flags={"out": a.out, **flags}))
+    if os.environ.get("RANK", "0") == "0":
+        run = a.resume or a.out or TrainConfig.out
+        print(f"run directory: {run} (checkpoint/, metrics.jsonl, config.yaml); "
+              f"export with: qatlm export {run} OUT.gguf")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = command(sub, "train", "Distillation QAT: train a fake-quantized student against its teacher.",
+                "qatlm train --teacher bundled --data texts/ --plan q4_0 --steps 200 --out runs/q4", main)
+    add_train_flags(p, TrainConfig())
+    p.add_argument("--out", help=f"the run directory (default {TrainConfig.out})")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR exactly where it stopped (on any "
+                   "number of processes); flags that change only the schedule (e.g. --steps) are applied")
+    p.add_argument("--nproc", type=int, help="data-parallel processes: relaunches itself under torchrun (FSDP2; "
+                   "or run `torchrun --nproc-per-node N -m qatlm train ...` yourself)")
