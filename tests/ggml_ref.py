@@ -17,15 +17,23 @@ _LIB.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_voi
 _LIB.ggml_quantize_init.argtypes = [ctypes.c_int]
 
 
-def ggml_quantize(w: np.ndarray, name: str) -> np.ndarray:
-    """uint8 [rows, cols // B * type_size]: what libggml writes for this fp32 tensor."""
+def ggml_quantize(w: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """uint8 [rows, cols // B * type_size]: what libggml writes for this fp32 tensor.
+
+    imatrix: optional fp32 [cols] importance weights, passed as ggml_quantize_chunk's `imatrix` argument
+    (what llama-quantize --imatrix does per tensor)."""
     qtype = GGMLQuantizationType[name.upper()]
     bs, ts = GGML_QUANT_SIZES[qtype]
     w = np.ascontiguousarray(w, dtype=np.float32)
     rows, cols = w.shape
     out = np.zeros((rows, cols // bs * ts), np.uint8)
+    qw = None
+    if imatrix is not None:
+        qw = np.ascontiguousarray(imatrix, dtype=np.float32)
+        assert qw.shape == (cols,), (qw.shape, cols)
     _LIB.ggml_quantize_init(int(qtype))
-    n = _LIB.ggml_quantize_chunk(int(qtype), w.ctypes.data, out.ctypes.data, 0, rows, cols, None)
+    n = _LIB.ggml_quantize_chunk(int(qtype), w.ctypes.data, out.ctypes.data, 0, rows, cols,
+                                 None if qw is None else qw.ctypes.data)
     assert n == out.nbytes, (n, out.nbytes)
     return out
 

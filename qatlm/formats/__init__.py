@@ -10,7 +10,8 @@
 This registry is the only place that knows a block format: fake quant in training, PTQ, GGUF export
 and the torch evaluation engine all call it, so what the student trains against is, byte for byte,
 what llama.cpp runs. Blocks run along the last dimension (a torch Linear weight [out, in]: along `in`),
-as GGUF's ne[0].
+as GGUF's ne[0]. `quantize` and `fake_quant` take an optional importance matrix (imatrix, one weight per
+column) and then match `llama-quantize --imatrix` byte for byte (see _weighted).
 """
 from __future__ import annotations
 
@@ -67,19 +68,60 @@ def _as_tensor(w) -> torch.Tensor:
     raise ValueError(f"expected a torch.Tensor or numpy.ndarray, got {type(w).__name__}")
 
 
+def _check_imatrix(imatrix, f: BlockFormat, w: torch.Tensor) -> torch.Tensor | None:
+    """The importance matrix as fp32 [cols] on w's device, None if there is none or ggml ignores it (Q8_0)."""
+    if imatrix is None:
+        return None
+    cols = w.shape[1]
+    if isinstance(imatrix, (list, tuple)):
+        imatrix = np.asarray(imatrix, dtype=np.float32)
+    t = _as_tensor(imatrix)
+    if t.dim() != 1 or t.numel() != cols:
+        raise ValueError(f"{f.name}: imatrix of shape {tuple(t.shape)} does not fit a tensor of shape "
+                         f"{tuple(w.shape)}; pass a 1-D vector of {cols} importance weights, one per input column (in_sum2 / counts "
+                         "of this tensor's entry in the imatrix file)")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{f.name}: imatrix must hold real numbers, got {t.dtype}")
+    t = t.detach().to(device=w.device, dtype=torch.float32)  # ggml takes it as float *
+    bad = ~torch.isfinite(t)
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0, 0])
+        raise ValueError(f"{f.name}: imatrix holds NaN or inf (first at column {j}, or too large for fp32); "
+                         "recompute it, or replace those entries (e.g. by the mean of the others)")
+    if bool((t < 0).any()):
+        j = int((t < 0).nonzero()[0, 0])
+        raise ValueError(f"{f.name}: imatrix holds a negative weight ({float(t[j]):g} at column {j}); importance "
+                         "weights are mean squared activations (in_sum2 / counts), so they must be >= 0: check "
+                         "what was passed")
+    return None if f.imatrix_use == "ignored" else t
+
+
 @torch.no_grad()
-def quantize(w, fmt: str) -> np.ndarray:
+def quantize(w, fmt: str, imatrix=None) -> np.ndarray:
     """GGUF block bytes of a 2-D float tensor: numpy uint8 [rows, cols // B * type_size].
 
     Same bytes and shape as `gguf.quants.quantize(w.float().numpy(), GGMLQuantizationType.<FMT>)`.
     Any float dtype is accepted; it is first converted to fp32 (exact for fp16/bf16), as the
     exporter does. Raises ValueError on NaN/inf, a non-2-D tensor, or a row not divisible by the block.
+
+    imatrix: optional importance weights, a 1-D tensor/array of length cols (llama-imatrix's in_sum2 / counts
+    for this tensor). Then the bytes are those of ggml_quantize_chunk(type, ..., imatrix), i.e. what
+    `llama-quantize --imatrix` writes: weighted scale searches for Q4_0/Q5_0/Q4_1/Q5_1/Q4_K/Q6_K (see
+    _weighted); Q8_0 ignores it, as ggml does.
+
+        >>> raw = F.quantize(w, "q4_0", imatrix=torch.rand(w.shape[1]))
     """
     f = get(fmt)
     w = _as_tensor(w)
     _check_weight(w, f)
     out = torch.empty(byte_shape(tuple(w.shape), f), dtype=torch.uint8)
-    if not _kernels.run(f, "quantize", w.cpu(), out):
+    w_cpu = w.cpu()
+    qw = _check_imatrix(imatrix, f, w_cpu)
+    if qw is not None:
+        ok = _kernels.run_imatrix(f, "quantize", w_cpu, out, qw)
+    else:
+        ok = _kernels.run(f, "quantize", w_cpu, out)
+    if not ok:
         bad = (~torch.isfinite(w)).nonzero()[0].tolist()
         raise ValueError(f"{f.name}: tensor {tuple(w.shape)} holds NaN or inf (first at row {bad[0]}, "
                          f"col {bad[1]}); fix the weights before quantizing")
@@ -108,9 +150,12 @@ def dequantize(data, fmt: str, shape) -> torch.Tensor:
     return out.view(shape)
 
 
-def _fake_quant_values(w: torch.Tensor, f: BlockFormat) -> torch.Tensor:
+def _fake_quant_values(w: torch.Tensor, f: BlockFormat, qw: torch.Tensor | None = None) -> torch.Tensor:
     out = torch.empty(w.shape, dtype=torch.float32, device=w.device)
-    _kernels.run(f, "fake", w, out)
+    if qw is None:
+        _kernels.run(f, "fake", w, out)
+    else:
+        _kernels.run_imatrix(f, "fake", w, out, qw)
     return out
 
 
@@ -118,22 +163,23 @@ class _FakeQuantSTE(torch.autograd.Function):
     """Forward: the exact dequantized values. Backward: straight-through (identity) gradient."""
 
     @staticmethod
-    def forward(ctx, w, f):
-        return _fake_quant_values(w, f)
+    def forward(ctx, w, f, qw=None):
+        return _fake_quant_values(w, f, qw)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
+        return grad, None, None
 
 
-def fake_quant(w: torch.Tensor, fmt: str) -> torch.Tensor:
+def fake_quant(w: torch.Tensor, fmt: str, imatrix=None) -> torch.Tensor:
     """Quantize-then-dequantize `w` [rows, cols] with a straight-through gradient, on w's device.
 
     Returns fp32 (exact: dequantized values such as fp16(d) * q need up to 15 significant bits, which
     bf16/fp16 cannot hold). Inputs of any float dtype are upcast to fp32 first, which is exact and what
     the exporter does, so `fake_quant(w) == dequantize(quantize(w))` holds bit for bit. The gradient is
-    returned to w in w's dtype.
+    returned to w in w's dtype. imatrix: optional per-column importance weights, as in `quantize`
+    (`fake_quant(w, f, imatrix) == dequantize(quantize(w, f, imatrix))`, bit for bit).
     """
     f = get(fmt)
     _check_weight(w, f, "weight")
-    return _FakeQuantSTE.apply(w, f)
+    return _FakeQuantSTE.apply(w, f, _check_imatrix(imatrix, f, w))

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 
@@ -56,6 +56,10 @@ class BlockFormat(ABC):
     block_size: int  # weights per block
     type_size: int  # bytes per block
     compile: bool = True  # run under torch.compile on large CPU tensors (see _kernels)
+    # How ggml's quantize_<type>() uses an importance matrix (one weight per column, see _weighted):
+    # "row": the block weights also need the mean x^2 of the block's whole row (Q4_0/Q5_0/Q4_1/Q5_1);
+    # "block": the block alone (K-quants); "ignored": ggml drops it (Q8_0); None: not implemented here.
+    imatrix_use: ClassVar[str | None] = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -68,6 +72,14 @@ class BlockFormat(ABC):
 
         fast=True skips the corner rules and flags the blocks that may need them (Codes.fix) instead:
         all other blocks are already exact. Branch-free either way (torch.compile, no GPU host sync)."""
+
+    def encode_imatrix(self, blocks: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor | None) -> Codes:
+        """fp32 [n, block_size] blocks with their importance weights qw [n, block_size] (the imatrix entries of
+        the block's columns) -> Codes, as ggml_quantize_chunk(type, ..., imatrix) decides them. sigma2 [n, 1]:
+        the mean x^2 of each block's row, given when imatrix_use == "row" (else None). Exact rules only."""
+        if self.imatrix_use == "ignored":
+            return self.encode(blocks)
+        raise NotImplementedError(f"{self.name}: importance-matrix quantization is not implemented")
 
     @abstractmethod
     def decode(self, codes: Codes) -> torch.Tensor:

@@ -70,3 +70,31 @@ def columns(blocks: torch.Tensor, sub: int) -> torch.Tensor:
 def rows(cols: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of `columns`: [sub, S] -> [n, 256]."""
     return cols.T.reshape(n, -1)
+
+
+def affine_grid_search(x, w, sum_w, sum_x, mn, mx, L, best, scale, nmax: int, rmin: float, rdelta: float,
+                       nstep: int):
+    """The candidate-grid loop shared by ggml's make_qkx2_quants and make_qkx3_quants (x, w: [n, S]): for
+    iscale = (rmin + rdelta * step + nmax) / (max - min), step = 0..nstep, a weighted least-squares fit of
+    (scale, min <= 0) to the grid's codes; a fit of smaller weighted squared error replaces L, best, scale and
+    min (and later grids start from that min, as C's loop does). Returns (L, best, scale, min)."""
+    for step in range(nstep + 1):
+        iscale = div(f32(f32(f32(rmin) + f32(f32(rdelta) * step)) + nmax), mx - mn)
+        laux = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
+        lf = laux.float()
+        wl = w * lf
+        sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * lf), seq_sum(wl * x)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+        pos = this_min > 0
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
+        diff = this_scale * lf + this_min - x
+        cur = seq_sum(w * (diff * diff))
+        better = (D > 0) & (cur < best)
+        L = torch.where(better, laux, L)
+        best = torch.where(better, cur, best)
+        scale = torch.where(better, this_scale, scale)
+        mn = torch.where(better, this_min, mn)
+    return L, best, scale, mn

@@ -10,6 +10,8 @@ without it, Inductor drops the fp32 -> fp16 -> fp32 round trip and fake quant dr
 
 The K-quants (Q4_K, Q6_K) always run eager: their reference searches unroll into graphs of thousands of
 nodes that Inductor takes minutes to compile (162 s for Q4_K, measured) for a 2x gain.
+With an importance matrix (run_imatrix) every tensor takes the eager exact path: the weighted searches of
+_weighted are, like the K-quants', too long to compile.
 Small tensors and CUDA use the eager kernels: compiling costs seconds once per process (less with
 Inductor's on-disk cache), and Triton fuses multiply-adds into FMAs by default, which would change
 rounding. QATLM_COMPILE=0 turns compilation off; if compilation itself fails (no C++ compiler), qatlm
@@ -24,9 +26,11 @@ from typing import Callable
 import torch
 
 from ._base import BlockFormat
+from ._weighted import row_sigma2
 
 COMPILE_MIN_ELEMENTS = 1 << 20  # below this, compile time is not paid back in one call
 EAGER_CHUNK = 1 << 18  # elements per eager step: intermediates stay cache-sized
+IMATRIX_CHUNK = 1 << 19  # elements per step of the imatrix searches, whose inner loops run row by row
 COMPILED_CHUNK = 1 << 22  # elements per compiled step: bounds peak memory of the outputs
 
 FORCE_EXACT = False  # tests: run the exact branch-free rules (the CUDA path) on CPU for every block
@@ -116,4 +120,30 @@ def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor) -> boo
             if idx.numel():
                 result[idx] = _EXACT[kind](f, part[idx])
         out[a:a + step] = result.view(min(step, rows.shape[0] - a), -1)
+    return finite
+
+
+def run_imatrix(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor, imatrix: torch.Tensor) -> bool:
+    """As `run` ("quantize" or "fake"), with an importance matrix: imatrix fp32 [width], one weight per column,
+    on rows' device. Always the exact, branch-free rules (f.encode_imatrix), eager: the weighted searches are
+    long unrolled loops that torch.compile would take minutes to build. Returns whether rows were all finite
+    (checked on CPU only, as in `run`).
+    """
+    width, bs = rows.shape[1], f.block_size
+    nb = width // bs
+    finite = True
+    # the mean x^2 of each whole row (ggml quantize_row_q4_0_impl & co.), summed in C order over the row
+    sigma2 = row_sigma2(rows.to(torch.float32)) if f.imatrix_use == "row" else None  # [R, 1]
+    step = max(1, IMATRIX_CHUNK // max(1, width))
+    for a in range(0, rows.shape[0], step):
+        part = rows[a:a + step].to(torch.float32)
+        r = part.shape[0]
+        if rows.device.type == "cpu":
+            finite = finite and bool(torch.isfinite(part).all())
+        blocks = part.reshape(-1, bs)  # [r * nb, B]
+        qw = imatrix.view(1, nb, bs).expand(r, nb, bs).reshape(-1, bs)
+        sig = None if sigma2 is None else sigma2[a:a + r].expand(r, nb).reshape(-1, 1)
+        codes = f.encode_imatrix(blocks, qw, sig)
+        result = f.pack(codes) if kind == "quantize" else f.decode(codes)
+        out[a:a + step] = result.reshape(r, -1)
     return finite

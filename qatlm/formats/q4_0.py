@@ -1,14 +1,21 @@
-"""Q4_0: 32 weights -> fp16 d + 16 bytes of 4-bit codes (4.5 bits/weight). ggml-quants.c quantize_row_q4_0_ref."""
+"""Q4_0: 32 weights -> fp16 d + 16 bytes of 4-bit codes (4.5 bits/weight). ggml-quants.c quantize_row_q4_0_ref;
+with an importance matrix quantize_row_q4_0_impl (see _weighted)."""
 import torch
 from gguf import GGMLQuantizationType
 
 from ._base import (BlockFormat, Codes, decode_symmetric, encode_symmetric, fp16_bytes, fp16_from_bytes,
                     pack_nibbles, unpack_nibbles)
+from ._weighted import encode_symmetric_imatrix
 
 
 class Q4_0(BlockFormat):
+    imatrix_use = "row"
+
     def encode(self, blocks: torch.Tensor, fast: bool = False) -> Codes:
         return encode_symmetric(blocks, 8, fast)
+
+    def encode_imatrix(self, blocks, qw, sigma2):  # ggml quantize_row_q4_0_impl
+        return encode_symmetric_imatrix(blocks, qw, sigma2, 8)
 
     def decode(self, codes: Codes) -> torch.Tensor:
         return decode_symmetric(codes, 8)

@@ -6,12 +6,15 @@ nstep=20): a least-squares fit of (scale, min) for each of 21 candidate grids, k
 weighted squared error. The 8 scales and 8 mins are then coded on 6 bits against the block's largest, and the
 codes recomputed from the coded scales. Replayed here in the same fp32 operations, vectorised across
 sub-blocks (see _kbase).
+
+With an importance matrix: quantize_row_q4_K_impl (encode_imatrix; the searches are in _weighted).
 """
 import torch
 from gguf import GGMLQuantizationType
 
 from ._base import BlockFormat, Codes, fp16_bytes, fp16_from_bytes
-from ._kbase import columns, div, fast_flags, f32, nearest_int, rows, seq_sum, sqrt_f32
+from ._kbase import affine_grid_search, columns, div, fast_flags, nearest_int, rows, seq_sum, sqrt_f32
+from ._weighted import block_weights, make_qkx3_quants, make_qp_quants
 
 NMAX, RMIN, RDELTA, NSTEP = 15, -1.0, 0.1, 20
 
@@ -28,25 +31,7 @@ def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor):
     L = nearest_int(iscale * (x - mn)).clamp_(0, NMAX)
     diff = scale * L.float() + mn - x
     best = seq_sum(w * (diff * diff))
-    for step in range(NSTEP + 1):
-        iscale = div(f32(f32(RMIN + f32(f32(RDELTA) * step)) + NMAX), mx - mn)
-        laux = nearest_int(iscale * (x - mn)).clamp_(0, NMAX)
-        lf = laux.float()
-        wl = w * lf
-        sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * lf), seq_sum(wl * x)
-        D = sum_w * sum_l2 - sum_l * sum_l
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-        pos = this_min > 0
-        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
-        this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
-        diff = this_scale * lf + this_min - x
-        cur = seq_sum(w * (diff * diff))
-        better = (D > 0) & (cur < best)
-        L = torch.where(better, laux, L)
-        best = torch.where(better, cur, best)
-        scale = torch.where(better, this_scale, scale)
-        mn = torch.where(better, this_min, mn)
+    L, best, scale, mn = affine_grid_search(x, w, sum_w, sum_x, mn, mx, L, best, scale, NMAX, RMIN, RDELTA, NSTEP)
     L = torch.where(flat, torch.zeros_like(L), L)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     return scale, -mn, L
@@ -57,7 +42,34 @@ def six_bit(inv: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (nearest_int(inv * v) & 0xFF).clamp_(max=63)
 
 
+def pack_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, 8] scale and min codes -> the 12 `scales` bytes, written as quantize_row_q4_K_* does (codes
+    above 63, which only the imatrix search can produce, spill into the neighbours' bits as they do in C)."""
+    return torch.cat([ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
+                      lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
+                      (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)], dim=1)
+
+
+def unpack_scales(s: torch.Tensor):
+    """12 `scales` bytes [n, 12] -> the 6-bit (scale, min) codes [n, 8] each, as get_scale_min_k4 reads them."""
+    ls = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], dim=1)
+    lm = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1)
+    return ls, lm
+
+
+def requantize(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, ls: torch.Tensor,
+               lm: torch.Tensor) -> torch.Tensor:
+    """The final codes from the coded scales: l = nearest_int((x + dmin*m) / (d*sc)) in 0..15, x, L: [32, 8n];
+    d, dmin: fp16 [n, 1]; ls, lm: [n, 8]. A sub-block whose coded scale is 0 keeps the search's codes L."""
+    dsc = (d.float() * ls.float()).view(-1)  # [8n]
+    dm = (dmin.float() * lm.float()).view(-1)
+    q = nearest_int((x + dm) / dsc).clamp_(0, NMAX)
+    return torch.where(dsc == 0, L, q)
+
+
 class Q4_K(BlockFormat):
+    imatrix_use = "block"
+
     def encode(self, blocks: torch.Tensor, fast: bool = False) -> Codes:
         n = blocks.shape[0]
         x = columns(blocks, 32)  # [32, 8n]
@@ -72,36 +84,50 @@ class Q4_K(BlockFormat):
         inv_min = torch.where(max_min > 0, div(63.0, max_min), zero)
         ls, lm = six_bit(inv_scale, scales), six_bit(inv_min, mins)  # [n, 8]
         d, dmin = (max_scale / 63).to(torch.float16), (max_min / 63).to(torch.float16)
-        # codes from the coded scales; a sub-block whose coded scale is 0 keeps the search's codes
-        dsc = (d.float() * ls.float()).view(-1)  # [8n]
-        dm = (dmin.float() * lm.float()).view(-1)
-        q = nearest_int((x + dm) / dsc).clamp_(0, NMAX)
-        q = torch.where(dsc == 0, L, q)
-        codes = rows(q, n).to(torch.uint8)
+        codes = rows(requantize(x, L, d, dmin, ls, lm), n).to(torch.uint8)
         fix, finite = fast_flags(blocks, fast)
         return Codes(codes, d, dmin, fix=fix, finite=finite, sc=ls.to(torch.uint8), sm=lm.to(torch.uint8))
 
+    def encode_imatrix(self, blocks: torch.Tensor, qw: torch.Tensor, sigma2=None) -> Codes:
+        """ggml quantize_row_q4_K_impl: per super-block sigma2 = 2 * mean x^2, weights qw * sqrt(sigma2 + x^2),
+        make_qkx3_quants(32, 15, ..., -0.9, 0.05, 36) per sub-block, then make_qp_quants(8, 63) codes the 8
+        scales and the 8 mins against their weight sums (instead of the reference's plain max / 63)."""
+        n = blocks.shape[0]
+        xs = columns(blocks, 256)  # [256, n]
+        sig = 2 * seq_sum(xs * xs) / 256  # [n]  C: 2*sum_x2/QK_K, summed over the super-block in order
+        x = columns(blocks, 32)  # [32, 8n]
+        w = block_weights(x, columns(qw, 32), sig.repeat_interleave(8).view(1, -1))
+        sw = seq_sum(w)  # [8n]
+        scales, mn, L = make_qkx3_quants(x, w, NMAX, -0.9, 0.05, 36)  # mn = -the_min
+        sw8 = sw.view(n, 8).T.contiguous()  # [8, n]
+        d_block, Ls = make_qp_quants(scales.view(n, 8).T.contiguous(), 63, sw8)
+        m_block, Lm = make_qp_quants((-mn).view(n, 8).T.contiguous(), 63, sw8)
+        ls, lm = Ls.T.to(torch.uint8).contiguous(), Lm.T.to(torch.uint8).contiguous()  # [n, 8]
+        d, dmin = d_block.view(n, 1).to(torch.float16), m_block.view(n, 1).to(torch.float16)
+        sc, sm = unpack_scales(pack_scales(ls, lm))  # C requantizes with what get_scale_min_k4 reads back
+        codes = rows(requantize(x, L, d, dmin, sc, sm), n).to(torch.uint8)
+        return Codes(codes, d, dmin, sc=ls, sm=lm)
+
     def decode(self, codes: Codes) -> torch.Tensor:
         n = codes.q.shape[0]
-        d1 = codes.d.float() * codes.sc.float()  # [n, 8], exact
-        m1 = codes.m.float() * codes.sm.float()
+        # the codes as llama.cpp reads them from the packed bytes: the identity for codes <= 63 (all of them,
+        # except after an imatrix search that found a negative sub-block scale)
+        sc, sm = unpack_scales(pack_scales(codes.sc, codes.sm))
+        d1 = codes.d.float() * sc.float()  # [n, 8], exact
+        m1 = codes.m.float() * sm.float()
         q = codes.q.view(n, 8, 32).float()
         return (d1.unsqueeze(2) * q - m1.unsqueeze(2)).view(n, 256)
 
     def pack(self, codes: Codes) -> torch.Tensor:
-        ls, lm, n = codes.sc, codes.sm, codes.q.shape[0]
-        scales = torch.cat([ls[:, :4] | ((ls[:, 4:] >> 4) << 6),
-                            lm[:, :4] | ((lm[:, 4:] >> 4) << 6),
-                            (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)], dim=1)
+        n = codes.q.shape[0]
+        scales = pack_scales(codes.sc, codes.sm)
         q = codes.q.view(n, 4, 2, 32)  # 64 weights per 32 bytes: low nibbles, then high nibbles
         qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, 128)
         return torch.cat([fp16_bytes(codes.d), fp16_bytes(codes.m), scales, qs], dim=1)
 
     def unpack(self, raw: torch.Tensor) -> Codes:
         n = raw.shape[0]
-        s = raw[:, 4:16]
-        ls = torch.cat([s[:, 0:4] & 63, (s[:, 8:12] & 0xF) | ((s[:, 0:4] >> 6) << 4)], dim=1)
-        lm = torch.cat([s[:, 4:8] & 63, (s[:, 8:12] >> 4) | ((s[:, 4:8] >> 6) << 4)], dim=1)
+        ls, lm = unpack_scales(raw[:, 4:16])
         qs = raw[:, 16:].reshape(n, 4, 1, 32)
         q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n, 256)
         return Codes(q, fp16_from_bytes(raw[:, 0:2]), fp16_from_bytes(raw[:, 2:4]), sc=ls, sm=lm)

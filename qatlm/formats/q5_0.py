@@ -1,15 +1,22 @@
 """Q5_0: 32 weights -> fp16 d + u32 high bits + 16 bytes of low nibbles (5.5 bits/weight).
-ggml-quants.c quantize_row_q5_0_ref."""
+ggml-quants.c quantize_row_q5_0_ref;
+with an importance matrix quantize_row_q5_0_impl (see _weighted)."""
 import torch
 from gguf import GGMLQuantizationType
 
 from ._base import (BlockFormat, Codes, decode_symmetric, encode_symmetric, fp16_bytes, fp16_from_bytes,
                     pack_high_bits, pack_nibbles, unpack_high_bits, unpack_nibbles)
+from ._weighted import encode_symmetric_imatrix
 
 
 class Q5_0(BlockFormat):
+    imatrix_use = "row"
+
     def encode(self, blocks: torch.Tensor, fast: bool = False) -> Codes:
         return encode_symmetric(blocks, 16, fast)
+
+    def encode_imatrix(self, blocks, qw, sigma2):  # ggml quantize_row_q5_0_impl
+        return encode_symmetric_imatrix(blocks, qw, sigma2, 16)
 
     def decode(self, codes: Codes) -> torch.Tensor:
         return decode_symmetric(codes, 16)

@@ -5,56 +5,43 @@ Per sub-block of 16: make_qx_quants(nmax=32, rmse_type=1): codes l in [-32, 31] 
 then 18 neighbouring grids tried, keeping the scale that maximises (sum w x l)^2 / sum w l^2 with w = x^2.
 The 16 sub-block scales are coded as int8 against the largest, and the codes recomputed from the coded
 scales. Replayed here in the same fp32 operations, vectorised across sub-blocks (see _kbase).
+
+With an importance matrix: quantize_row_q6_K_impl (encode_imatrix), the same search weighted by the imatrix.
 """
 import torch
 from gguf import GGMLQuantizationType
 
 from ._base import BlockFormat, Codes, fp16_bytes, fp16_from_bytes, signed_absmax
-from ._kbase import GROUP_MAX_EPS, columns, div, fast_flags, f32, nearest_int, rows, seq_sum
+from . import _weighted
+from ._kbase import GROUP_MAX_EPS, columns, div, fast_flags, nearest_int, rows
 
 NMAX = 32
 
 
-def _signed_absmax_cols(v: torch.Tensor) -> torch.Tensor:
-    """[k, S] -> [S]: per column, the first element of largest |v| (C: strict >, from 0)."""
-    t = v.T
-    return signed_absmax(t, t.amax(1, keepdim=True), t.amin(1, keepdim=True)).view(-1)
-
-
 def make_qx_quants(x: torch.Tensor):
     """x: [16, S] -> (scale [S], L [16, S] int32 in 0..63), as ggml's make_qx_quants(16, 32, rmse_type=1)."""
-    mx = _signed_absmax_cols(x)
-    zero = mx.abs() < GROUP_MAX_EPS
-    w = x * x
-    wx = w * x
-
-    def grid(iscale):
-        l = nearest_int(iscale * x).clamp_(-NMAX, NMAX - 1)
-        lf = l.float()
-        return l, seq_sum(wx * lf), seq_sum((w * lf) * lf)
-
-    l, sumlx, suml2 = grid(div(float(-NMAX), mx))
-    L = l + NMAX
-    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        l, sumlx, suml2 = grid(div(-f32(NMAX + f32(f32(0.1) * step)), mx))
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = torch.where(better, l + NMAX, L)
-        scale = torch.where(better, sumlx / suml2, scale)
-        best = torch.where(better, scale * sumlx, best)
-    L = torch.where(zero, torch.zeros_like(L), L)
-    scale = torch.where(zero, torch.zeros_like(scale), scale)
-    return scale, L
+    return _weighted.make_qx_quants(x, NMAX, x * x)
 
 
 class Q6_K(BlockFormat):
+    imatrix_use = "block"
+
     def encode(self, blocks: torch.Tensor, fast: bool = False) -> Codes:
-        n = blocks.shape[0]
         x = columns(blocks, 16)  # [16, 16n]
         scales, L = make_qx_quants(x)
+        return self._code_scales(blocks, x, scales, L, fast)
+
+    def encode_imatrix(self, blocks: torch.Tensor, qw: torch.Tensor, sigma2=None) -> Codes:
+        """ggml quantize_row_q6_K_impl: make_qx_quants(16, 32, x, L, 1, qw) with the imatrix entries themselves
+        as weights (no sqrt(sigma2 + x^2) factor: commented out in ggml), then the same int8 scale coding."""
+        x = columns(blocks, 16)
+        scales, L = _weighted.make_qx_quants(x, NMAX, columns(qw, 16))
+        return self._code_scales(blocks, x, scales, L, False)
+
+    @staticmethod
+    def _code_scales(blocks, x, scales, L, fast):
+        """The 16 sub-block scales [16n] -> int8 codes against the largest, and the codes recomputed from them."""
+        n = blocks.shape[0]
         scales = scales.view(n, 16)
         # C: `if (fabsf(scale) > max_abs_scale)` from 0: a NaN scale (x*x overflowed) never wins
         s = torch.where(torch.isnan(scales), torch.zeros_like(scales), scales)

@@ -17,6 +17,8 @@ def round_half_away(y: torch.Tensor) -> torch.Tensor:
 
 
 class Q8_0(BlockFormat):
+    imatrix_use = "ignored"  # ggml quantize_q8_0: `(void)quant_weights; // not used`
+
     def encode(self, blocks: torch.Tensor, fast: bool = False) -> Codes:
         hi, lo = blocks.amax(dim=1, keepdim=True), blocks.amin(dim=1, keepdim=True)
         amax = torch.maximum(hi, -lo).abs()  # max |x|; .abs() makes a zero amax +0.0 as C's fabsf does
