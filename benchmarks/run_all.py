@@ -1,6 +1,6 @@
 """Run every benchmark in this folder, one after another, and print their ratios in one go.
 
-    python benchmarks/run_all.py            # quantize speed, eval speed, KD step (~5 min on 2 cores)
+    python benchmarks/run_all.py            # quantize, eval, KD step, imatrix speed (~8 min on 2 cores)
 """
 import subprocess
 import sys
@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).parent
-BENCHMARKS = [("quantize_speed.py", []), ("eval_speed.py", []), ("kd_step.py", ["--seq", "1024", "--repeats", "1"])]
+BENCHMARKS = [("quantize_speed.py", []), ("eval_speed.py", []), ("kd_step.py", ["--seq", "1024", "--repeats", "1"]),
+              ("imatrix_speed.py", ["--chunks", "32"])]
 
 
 def main() -> int:

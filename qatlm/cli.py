@@ -12,7 +12,7 @@ import sys
 from . import __version__
 
 # the pipeline, in order: inspect and quantize -> calibrate -> train -> export -> measure -> the whole job
-MODULES = ["qatlm.gguf.ptq", "qatlm.memory", "qatlm.train.loop", "qatlm.gguf.export", "qatlm.eval.perplexity",
+MODULES = ["qatlm.gguf.ptq", "qatlm.memory", "qatlm.imatrix.compute", "qatlm.train.loop", "qatlm.gguf.export", "qatlm.eval.perplexity",
            "qatlm.eval.compare", "qatlm.pipeline"]
 
 EPILOG = """the pipeline: teacher -> fake-quant student -> KD training -> export -> evaluation
@@ -20,6 +20,7 @@ examples:
   qatlm run                                        # the whole default job (resumable)
   qatlm plan model.gguf --plan q4_0
   qatlm quantize model.gguf model-q4_0.gguf --plan q4_0
+  qatlm imatrix model.gguf --data text.txt -o imatrix.gguf
   qatlm train --teacher bundled --data texts/ --plan q4_0 --steps 200 --out runs/q4
   qatlm export runs/q4 runs/q4/qat-q4_0.gguf --hf runs/q4/qat-hf
   qatlm eval runs/q4/qat-q4_0.gguf --data text.txt

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -19,3 +20,30 @@ def gemma_gguf() -> Path:
 @pytest.fixture(scope="session")
 def session_tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("qatlm")
+
+
+@pytest.fixture(scope="session")
+def llama_tool():
+    """tool(name) -> Path of a llama.cpp command-line tool (built once per cache; see tests/llama_tools.py)."""
+    from llama_tools import tool
+
+    return tool
+
+
+def run_tool(cmd, log: Path) -> str:
+    """Run a llama.cpp tool; its output goes to `log`; a failure shows the tail of it."""
+    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    log.write_text(r.stdout + r.stderr)
+    assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed ({r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}"
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="session")
+def llama_f32_gguf(gemma_gguf, session_tmp, llama_tool) -> Path:
+    """The bundled teacher dequantized to F32 by llama-quantize: llama.cpp's matmuls then see fp32 weights
+    and fp32 activations (no activation quantization), like the torch model."""
+    out = session_tmp / "gemma-270m-f32.gguf"
+    if not out.exists():
+        run_tool([llama_tool("llama-quantize"), "--allow-requantize", gemma_gguf, out, "F32", 2],
+                 session_tmp / "quantize-f32.log")
+    return out

@@ -71,3 +71,58 @@ def test_llamacpp_loads_and_generates(gemma_gguf, session_tmp):
     out = llm("The capital of France is", max_tokens=8, temperature=0.0)
     text = out["choices"][0]["text"]
     assert len(llm.tokenize(text.encode(), add_bos=False)) >= 2, text
+
+
+IMATRIX_PLANS = [("q4_0", "Q4_0"), ("q4_1", "Q4_1"), ("q5_0", "Q5_0"), ("q5_1", "Q5_1"), ("q4_k_m", "Q4_K_M"),
+                 ("q6_k", "Q6_K")]
+
+
+@pytest.fixture(scope="module")
+def imatrix_file(f32_gguf, session_tmp):
+    """An imatrix of the bundled model (qatlm imatrix, 4 chunks of the GPL-3 text shipped with qatlm)."""
+    from qatlm.corpora import ood_text
+    from qatlm.imatrix.compute import compute_imatrix
+
+    return compute_imatrix(f32_gguf, [str(ood_text())], session_tmp / "ptq-imatrix.gguf", 512, 4, progress=False)
+
+
+@pytest.mark.parametrize("plan, llama_type", IMATRIX_PLANS)
+def test_imatrix_plans_are_byte_identical_to_llama_quantize(f32_gguf, imatrix_file, session_tmp, llama_tool,
+                                                            plan, llama_type):
+    """qatlm quantize --imatrix == llama-quantize --imatrix (the tool itself), every tensor, incl. the type
+    changes an imatrix causes (Q4_0 / Q5_0 files: ffn_down of blocks 0 and 1 as Q4_1 / Q5_1)."""
+    from conftest import run_tool
+
+    ref = session_tmp / f"llama_imatrix_{plan}.gguf"
+    run_tool([llama_tool("llama-quantize"), "--imatrix", imatrix_file, f32_gguf, ref, llama_type, 2],
+             session_tmp / f"llama-quantize-{plan}.log")
+    ours = quantize_gguf(f32_gguf, session_tmp / f"qatlm_imatrix_{plan}.gguf", plan, imatrix=imatrix_file,
+                         progress=False)
+    a = assert_same_tensors(ours, ref)
+    if plan in ("q4_0", "q5_0"):
+        guard = {"q4_0": "Q4_1", "q5_0": "Q5_1"}[plan]
+        assert [a[f"blk.{i}.ffn_down.weight"][0] for i in range(3)] == [guard, guard, plan.upper()]
+
+
+def test_bad_imatrix_is_refused(f32_gguf, imatrix_file, session_tmp):
+    """An imatrix of another model (missing or wrongly sized entries) is an error naming the file and the
+    tensor, never a silent round-to-nearest; the earlier output is untouched."""
+    from qatlm.imatrix import read_imatrix, write_imatrix
+
+    im = read_imatrix(imatrix_file)
+    out = session_tmp / "bad-imatrix-out.gguf"
+    out.write_bytes(b"earlier output")
+    del im.entries["blk.3.attn_v.weight"]
+    missing = write_imatrix(im, session_tmp / "missing.gguf")
+    with pytest.raises(ValueError, match=r"missing.gguf: .*no entry for 1 weight\(s\): blk.3.attn_v.weight"):
+        quantize_gguf(f32_gguf, out, "q4_0", imatrix=missing, progress=False)
+    im = read_imatrix(imatrix_file)
+    e = im.entries["blk.0.ffn_down.weight"]
+    im.add("blk.0.ffn_down.weight", e.in_sum2[:, :64], e.counts)
+    wrong = write_imatrix(im, session_tmp / "wrong.gguf")
+    with pytest.raises(ValueError, match=r"wrong.gguf: .*wrong size: blk.0.ffn_down.weight"):
+        quantize_gguf(f32_gguf, out, "q4_0", imatrix=wrong, progress=False)
+    (session_tmp / "truncated.gguf").write_bytes(imatrix_file.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="truncated.gguf"):
+        quantize_gguf(f32_gguf, out, "q4_0", imatrix=session_tmp / "truncated.gguf", progress=False)
+    assert out.read_bytes() == b"earlier output"

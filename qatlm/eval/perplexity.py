@@ -53,13 +53,15 @@ def read_text(path: str | Path) -> str:
     return text
 
 
-def chunks(tokens: list[int], n_ctx: int, max_chunks: int | None, bos: int | None, data: str = "") -> list[list[int]]:
-    """llama-perplexity's chunks: consecutive n_ctx windows, the first token of each replaced by BOS."""
+def chunks(tokens: list[int], n_ctx: int, max_chunks: int | None, bos: int | None, data: str = "",
+           tool: str = "perplexity") -> list[list[int]]:
+    """llama-perplexity's chunks (llama-imatrix cuts the same way): consecutive n_ctx windows, the first token
+    of each replaced by BOS."""
     if n_ctx < 4 or n_ctx % 2:
         raise ValueError(f"--ctx must be an even number >= 4, got {n_ctx}")
     if len(tokens) < 2 * n_ctx:
-        raise ValueError(f"{data}: {len(tokens)} tokens, but perplexity at --ctx {n_ctx} needs at least "
-                         f"{2 * n_ctx} (2 x ctx, like llama-perplexity); use more text or a smaller --ctx")
+        raise ValueError(f"{data}: {len(tokens)} tokens, but {tool} at --ctx {n_ctx} needs at least "
+                         f"{2 * n_ctx} (2 x ctx, like llama-{tool}); use more text or a smaller --ctx")
     n = len(tokens) // n_ctx
     if max_chunks:
         n = min(n, max_chunks)
@@ -73,6 +75,28 @@ def chunks(tokens: list[int], n_ctx: int, max_chunks: int | None, bos: int | Non
 
 
 # ---- engines: each yields, per chunk, log-softmax rows for the scored positions [n_ctx/2 - 1, vocab] ----
+
+
+def adds_bos(teacher) -> bool:
+    """Whether llama.cpp puts BOS first: the GGUF's tokenizer.ggml.add_bos_token when the model came from one,
+    else whether the Hugging Face tokenizer puts BOS first by itself."""
+    tok = teacher.tokenizer
+    if tok.bos_token_id is None:
+        return False
+    if teacher.gguf_path is not None:
+        from ..gguf.io import field_value, open_gguf
+
+        return bool(field_value(open_gguf(teacher.gguf_path)[1], "tokenizer.ggml.add_bos_token", False))
+    ids = tok("a").input_ids
+    return bool(ids) and ids[0] == tok.bos_token_id
+
+
+def tokenize(teacher, text: str) -> tuple[list[int], int | None]:
+    """One tokenization of a whole text as llama.cpp's tools do it: (token ids, BOS id or None)."""
+    tok = teacher.tokenizer
+    ids = tok(text, add_special_tokens=False).input_ids
+    bos = tok.bos_token_id if adds_bos(teacher) else None
+    return ([bos] + ids if bos is not None else ids), bos
 
 
 class TorchEngine:
@@ -95,23 +119,7 @@ class TorchEngine:
         self.label = f"{model}" + (f" (torch, plan {plan})" if plan else " (torch)")
 
     def tokenize(self, text: str) -> tuple[list[int], int | None]:
-        tok = self.tokenizer
-        ids = tok(text, add_special_tokens=False).input_ids
-        bos = tok.bos_token_id if self._adds_bos() else None
-        return ([bos] + ids if bos is not None else ids), bos
-
-    def _adds_bos(self) -> bool:
-        """The GGUF's tokenizer.ggml.add_bos_token when the model came from one (llama.cpp's rule), else
-        whether the Hugging Face tokenizer puts BOS first by itself."""
-        tok = self.tokenizer
-        if tok.bos_token_id is None:
-            return False
-        if self.teacher.gguf_path is not None:
-            from ..gguf.io import field_value, open_gguf
-
-            return bool(field_value(open_gguf(self.teacher.gguf_path)[1], "tokenizer.ggml.add_bos_token", False))
-        ids = tok("a").input_ids
-        return bool(ids) and ids[0] == tok.bos_token_id
+        return tokenize(self.teacher, text)
 
     @torch.no_grad()
     def logprobs(self, chunk: list[int]) -> torch.Tensor:
@@ -241,52 +249,71 @@ def evaluate(model: str, data: str | Path, ctx: int = 512, chunks_cap: int | Non
              threads: int | None = None, progress: bool = True, keep_kld_values: bool = False,
              overrides: tuple[str, ...] = ()) -> EvalResult:
     """Perplexity (and KLD against `kld_base`) of `model` on `data`, llama-perplexity style."""
-    text = read_text(data)
     eng = make_engine(model, engine, ctx, plan, threads, overrides)
     base = make_engine(kld_base, engine, ctx, None, threads) if kld_base else None
-    tokens, bos = eng.tokenize(text)
-    if base is not None:
-        btokens, _ = base.tokenize(text)
-        if btokens != tokens:
-            raise ValueError(f"{model} and {kld_base} tokenize {data} differently; KLD needs the same vocabulary")
+    return evaluate_engines([eng], data, ctx, chunks_cap, base, progress, keep_kld_values)[0]
+
+
+def evaluate_engines(engines: list, data: str | Path, ctx: int, chunks_cap: int | None, base=None,
+                     progress: bool = True, keep_kld_values: bool = False) -> list[EvalResult]:
+    """Several models on the same chunks, side by side: the base (if any) is evaluated once per chunk and
+    every model's KLD computed against it. Returns one EvalResult per engine (then the base's own, if any)."""
+    text = read_text(data)
+    tokens, bos = engines[0].tokenize(text)
+    for e in engines[1:] + ([base] if base is not None else []):
+        if e.tokenize(text)[0] != tokens:
+            raise ValueError(f"{engines[0].label} and {e.label} tokenize {data} differently; comparing them needs "
+                             "the same vocabulary")
     cs = chunks(tokens, ctx, chunks_cap, bos, str(data))
-    nll, nll_b, kld, p_q, p_b, same = [], [], [], [], [], []
-    chunk_ppl = []
+    n = len(engines)
+    nll = [[] for _ in range(n + 1)]  # the last one: the base's
+    kld, p_q, p_b, same = ([[] for _ in range(n)] for _ in range(4))
+    secs = [0.0] * (n + 1)
     it: Iterator = iter(cs)
     if progress:
         from tqdm import tqdm
-        it = tqdm(cs, desc=f"perplexity ({eng.name})", unit="chunk")
-    t0 = time.perf_counter()
+        it = tqdm(cs, desc=f"perplexity ({engines[0].name}, {n + (base is not None)} models)", unit="chunk")
     for c in it:
-        lp = eng.logprobs(c).to(torch.float64)  # [n/2 - 1, vocab]
         targets = torch.tensor(c[ctx // 2 + 1:], dtype=torch.long)  # original tokens j+1 (never the BOS slot)
-        row = -lp.gather(1, targets[:, None])[:, 0]
-        nll.append(row.numpy())
-        chunk_ppl.append(math.exp(float(row.mean())))
         if base is not None:
-            lb = base.logprobs(c).to(torch.float64)
+            t0 = time.perf_counter()
+            lb = base.logprobs(c).to(torch.float64)  # [n/2 - 1, vocab]
+            secs[n] += time.perf_counter() - t0
             keep = lb > -16  # as llama.cpp's stored base logits
             pb = lb.exp()
-            kld.append(torch.where(keep, pb * (lb - lp), torch.zeros_like(lb)).sum(1).numpy())
-            nll_b.append((-lb.gather(1, targets[:, None])[:, 0]).numpy())
-            p_q.append(lp.gather(1, targets[:, None])[:, 0].exp().numpy())
-            p_b.append(pb.gather(1, targets[:, None])[:, 0].numpy())
-            same.append((lp.argmax(1) == lb.argmax(1)).numpy())
+            nll[n].append((-lb.gather(1, targets[:, None])[:, 0]).numpy())
+        for i, eng in enumerate(engines):
+            t0 = time.perf_counter()
+            lp = eng.logprobs(c).to(torch.float64)  # [n/2 - 1, vocab]
+            secs[i] += time.perf_counter() - t0
+            nll[i].append((-lp.gather(1, targets[:, None])[:, 0]).numpy())
+            if base is not None:
+                kld[i].append(torch.where(keep, pb * (lb - lp), torch.zeros_like(lb)).sum(1).numpy())
+                p_q[i].append(lp.gather(1, targets[:, None])[:, 0].exp().numpy())
+                p_b[i].append(pb.gather(1, targets[:, None])[:, 0].numpy())
+                same[i].append((lp.argmax(1) == lb.argmax(1)).numpy())
         if progress:
-            allnll = np.concatenate(nll)
-            it.set_postfix(ppl=f"{math.exp(allnll.mean()):.3f}")
-    secs = time.perf_counter() - t0
-    all_nll = np.concatenate(nll)
-    ppl, err = _ppl(all_nll)
-    kd = None
+            it.set_postfix(ppl=f"{math.exp(np.concatenate(nll[0]).mean()):.3f}")
+
+    def result(eng, i: int, kd: dict | None) -> EvalResult:
+        all_nll = np.concatenate(nll[i])
+        ppl, err = _ppl(all_nll)
+        chunk_ppl = [math.exp(float(r.mean())) for r in nll[i]]
+        return EvalResult(eng.label, str(data), eng.name, len(cs[0]), len(cs), len(all_nll), ppl, err,
+                          float(all_nll.mean()), secs[i], len(cs) * ctx / max(secs[i], 1e-9), chunk_ppl, kd)
+
+    out = []
+    for i, eng in enumerate(engines):
+        kd = None
+        if base is not None:
+            kd = kld_stats(np.concatenate(nll[i]), np.concatenate(nll[n]), np.concatenate(kld[i]),
+                           np.concatenate(p_q[i]), np.concatenate(p_b[i]), np.concatenate(same[i]))
+            if keep_kld_values:
+                kd["values"] = np.concatenate(kld[i]).tolist()
+        out.append(result(eng, i, kd))
     if base is not None:
-        kd = kld_stats(all_nll, np.concatenate(nll_b), np.concatenate(kld), np.concatenate(p_q),
-                       np.concatenate(p_b), np.concatenate(same))
-        if keep_kld_values:
-            kd["values"] = np.concatenate(kld).tolist()
-    evaluated = len(cs) * ctx * (2 if base is not None else 1)
-    return EvalResult(eng.label, str(data), eng.name, ctx, len(cs), len(all_nll), ppl, err, float(all_nll.mean()),
-                      secs, evaluated / secs, chunk_ppl, kd)
+        out.append(result(base, n, None))
+    return out
 
 
 def to_dict(r: EvalResult) -> dict:
