@@ -9,12 +9,15 @@ exists (outputs are written atomically, training resumes from its checkpoint), s
 picks up where it stopped; flags that would change a finished or started run are refused with a message:
   1. teacher: loaded once for the whole job (the bundled Gemma 3 270M GGUF, or --teacher);
   2. data: the Shakespeare texts minus the held-out play (both editions), the held-out play as in-domain
-     evaluation text, and a text from another domain (the GPL-3 licence, shipped with qatlm) as out-of-domain;
-  3. PTQ: `qatlm quantize` with the plan (byte-identical to llama-quantize);
+     evaluation text, and four texts of other kinds shipped with qatlm as out-of-domain (qatlm/corpora);
+  3. PTQ: `qatlm quantize` with the plan (byte-identical to llama-quantize), and the baseline QAT must beat:
+     an imatrix (`qatlm imatrix` on the training text, llama-imatrix's statistics) and the imatrix PTQ file
+     (= llama-quantize --imatrix);
   4. QAT: `qatlm train` within the time budget, then export: the QAT GGUF, its unquantized HF checkpoint, and
      an Ollama Modelfile beside it;
-  5. report: teacher / PTQ / QAT measured by llama.cpp on the written files, in- and out-of-domain, with the
-     share of the PTQ drop removed; Markdown + JSON + plots (training curves included).
+  5. report: teacher / RTN PTQ / imatrix PTQ / QAT measured by llama.cpp on the written files, in- and
+     out-of-domain, with the share of the RTN drop each removed and whether QAT beats imatrix PTQ on
+     perplexity and mean KLD; Markdown + JSON + plots (training curves included).
 """
 from __future__ import annotations
 
@@ -23,10 +26,11 @@ from pathlib import Path
 
 from .atomic import atomic_write_text, save_figure
 from .cli import command
-from .corpora import default_split, ood_text
+from .corpora import default_split, ood_texts
 from .eval.compare import compare
 from .gguf.export import export_gguf, export_run
 from .gguf.ptq import quantize_gguf
+from .imatrix.compute import compute_imatrix
 from .sources import resolve
 from .teacher import load_teacher
 from .train import config as C
@@ -67,14 +71,23 @@ def job_config(out: Path, recipe: str | Path | None, flags: dict) -> tuple[C.Tra
     started = (run_dir / "config.yaml").is_file()
     if not started and not flags.get("data") and not flags.get("data_free"):
         flags["data"] = default_split()[0]
+    auto = str(out / "imatrix.gguf")  # imatrix "auto": the job's own (stage 3), so QAT starts at imatrix PTQ
+    if flags.get("imatrix") == "auto":
+        flags["imatrix"] = auto
     notes: list[str] = []
     cfg = C.resolve(recipe or "default", saved=run_dir if started else None, flags=flags, notes=notes)
+    if cfg.imatrix == "auto":
+        cfg = C.TrainConfig(**{**cfg.__dict__, "imatrix": auto})
+    if cfg.imatrix == auto and not cfg.data:
+        raise ValueError("imatrix: auto needs training text to calibrate on before training (--data); with "
+                         "--data-free give an imatrix file instead (qatlm imatrix)")
     return cfg, started, notes
 
 
 def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe: str | Path | None = None,
-            eval_text: str | None = None, ood: str | None = None, eval_ctx: int = 512, eval_chunks: int | None = 6,
-            stop_after: int | None = None) -> dict:
+            eval_text: str | None = None, ood: list[str] | None = None, eval_ctx: int = 512,
+            eval_chunks: int | None = 6,
+            stop_after: int | None = None, imatrix_chunks: int = 128, imatrix_ctx: int = 512) -> dict:
     """Run (or resume) the whole job; returns the summary (also written to OUT/summary.json).
     `flags`: TrainConfig settings given explicitly (e.g. {"steps": 200, "lora_rank": 16})."""
     out = Path(out)
@@ -90,7 +103,7 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
         if (flags or {}).get("data"):
             raise ValueError("--eval-text is required with --data (text held out from training, same domain)")
         eval_text = str(default_split()[1])
-    ood = ood or str(ood_text())
+    ood = [str(p) for p in (ood or ood_texts())]
     src = resolve(cfg.teacher)
 
     print(f"[1/5] teacher {src.path}")
@@ -99,7 +112,7 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
         t = load_teacher(cfg.teacher)
     print("[2/5] " + (f"{len(cfg.data)} training files" if cfg.data else
                       f"data-free: {cfg.data_free} sequences sampled from the teacher")
-          + f"; in-domain eval {eval_text}; out-of-domain eval {ood}")
+          + f"; in-domain eval {eval_text}; out-of-domain eval {', '.join(Path(o).name for o in ood)}")
 
     if ptq.exists():
         print(f"[3/5] PTQ: {ptq} exists")
@@ -112,12 +125,16 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
     teacher_gguf = src.path if src.kind == "gguf" else out / "teacher-f32.gguf"
     if not teacher_gguf.exists():
         export_gguf(t.model, teacher_gguf, "f32", hf_dir=t.hf_dir)
+    imatrix, imatrix_ptq = out / "imatrix.gguf", out / f"imatrix-ptq-{plan}.gguf"
+    if cfg.data and not imatrix_ptq.exists():  # data-free jobs calibrate on the sampled text, after training
+        imatrix_baseline(t, teacher_gguf, cfg.data, imatrix, imatrix_ptq, plan, cfg.overrides, imatrix_chunks,
+                         imatrix_ctx)
 
     if qat.exists():
         print(f"[4/5] QAT: {qat} exists")
     else:
         resume = started and checkpoint_dir(run_dir) is not None
-        print(f"[4/5] QAT: " + (f"resuming {run_dir}" + (f" ({'; '.join(notes)})" if notes else "") if resume else
+        print("[4/5] QAT: " + (f"resuming {run_dir}" + (f" ({'; '.join(notes)})" if notes else "") if resume else
                                 f"training for up to {cfg.budget_minutes:g} min -> {run_dir}"))
         train(cfg, resume=resume, stop_after=stop_after, teacher=t)
         if steps_done(run_dir) < C.resolve(saved=run_dir).steps:
@@ -125,43 +142,75 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
         export_run(run_dir, qat, qat_hf, teacher=t)
         atomic_write_text(out / "Modelfile", f"# Ollama: ollama create qatlm-{plan} -f Modelfile\nFROM ./{qat.name}\n")
     plot_training(run_dir / "metrics.jsonl", out / "training.png")
+    if not imatrix_ptq.exists():  # data-free: the teacher's own samples are the calibration text
+        sampled = out / "synthetic.txt"
+        if not sampled.exists():
+            import numpy as np
+
+            t = t or load_teacher(cfg.teacher)
+            atomic_write_text(sampled, t.tokenizer.decode(np.load(run_dir / "synthetic.npy").tolist(),
+                                                          skip_special_tokens=True))
+        imatrix_baseline(t, teacher_gguf, [str(sampled)], imatrix, imatrix_ptq, plan, cfg.overrides,
+                         imatrix_chunks, imatrix_ctx)
 
     print("[5/5] report (llama.cpp on the written files)")
     results = {}
-    for label, text in (("in_domain", eval_text), ("out_of_domain", ood)):
+    texts = [("in_domain", eval_text)] + [(f"ood_{Path(o).stem}", o) for o in ood]
+    for label, text in texts:
         results[label] = compare(str(teacher_gguf), [], text, out / f"report_{label}", eval_ctx, eval_chunks,
-                                 "llama.cpp", ptq=str(ptq), qat=str(qat))
-    summary = {"teacher": str(teacher_gguf), "ptq": str(ptq), "qat": str(qat), "plan": plan,
+                                 "llama.cpp", ptq=str(ptq), qat=str(qat), imatrix_ptq=str(imatrix_ptq))
+    summary = {"teacher": str(teacher_gguf), "ptq": str(ptq), "imatrix_ptq": str(imatrix_ptq),
+               "imatrix": str(imatrix), "qat": str(qat), "plan": plan,
                "qat_hf": str(qat_hf), "modelfile": str(out / "Modelfile"),
                "qat_size_mb": qat.stat().st_size / 1e6, "steps": steps_done(run_dir), "results": {}}
     md = ["# qatlm run", "", f"Plan `{plan}`, {summary['steps']} training steps. Training curves: training.png", ""]
     for label, r in results.items():
         rows = {row["role"]: row for row in r["rows"]}
         summary["results"][label] = {"data": r["data"], "ppl_teacher": rows["teacher"]["ppl"],
-                                     "ppl_ptq": rows["ptq"]["ppl"], "ppl_qat": rows["qat"]["ppl"],
+                                     "ppl_ptq": rows["ptq"]["ppl"], "ppl_imatrix": rows["imatrix_ptq"]["ppl"],
+                                     "ppl_qat": rows["qat"]["ppl"],
                                      "share_removed": r.get("share_of_ptq_drop_removed"),
-                                     "kld_ptq": rows["ptq"]["kld"], "kld_qat": rows["qat"]["kld"]}
+                                     "share_removed_imatrix": rows["imatrix_ptq"].get("share_removed"),
+                                     "kld_ptq": rows["ptq"]["kld"], "kld_imatrix": rows["imatrix_ptq"]["kld"],
+                                     "kld_qat": rows["qat"]["kld"], "qat_beats_imatrix": r.get("qat_beats_imatrix")}
         md += [f"## {label.replace('_', '-')}", "", r["markdown"], f"![report](report_{label}/report.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     print(f"\nOutputs in {out}: {qat.name} ({summary['qat_size_mb']:.1f} MB), {qat_hf.name}/, Modelfile, "
           f"{ptq.name}, report.md, summary.json, training.png")
     for label, r in summary["results"].items():
-        share = r["share_removed"]
-        tail = f"{100 * share:.1f}% of the PTQ drop removed" if share is not None else "PTQ shows no drop here"
-        print(f"{label:>13}: PPL teacher {r['ppl_teacher']:.2f} / PTQ {r['ppl_ptq']:.2f} / QAT {r['ppl_qat']:.2f}"
-              f" -> {tail}")
+        share, shi = r["share_removed"], r["share_removed_imatrix"]
+        tail = (f"removed {100 * shi:.1f}% (imatrix) / {100 * share:.1f}% (QAT) of the RTN drop"
+                if share is not None else "RTN PTQ shows no drop here")
+        print(f"{label:>13}: PPL teacher {r['ppl_teacher']:.2f} / RTN {r['ppl_ptq']:.2f} / imatrix "
+              f"{r['ppl_imatrix']:.2f} / QAT {r['ppl_qat']:.2f} -> {tail}; QAT beats imatrix PTQ: "
+              f"{r['qat_beats_imatrix']}")
     return summary
+
+
+def imatrix_baseline(t, teacher_gguf: Path, text: list[str], imatrix: Path, imatrix_ptq: Path, plan: str,
+                     overrides, chunks: int, ctx: int) -> None:
+    """The quant a user would download instead: an imatrix of the calibration text, and the teacher quantized
+    with it (= llama-imatrix + llama-quantize --imatrix)."""
+    if not imatrix.exists():
+        print(f"[3/5] imatrix ({chunks} chunks x {ctx} of the training text) -> {imatrix}")
+        compute_imatrix(None, text, imatrix, ctx, chunks, teacher=t)
+    print(f"[3/5] imatrix PTQ -> {imatrix_ptq}")
+    quantize_gguf(teacher_gguf, imatrix_ptq, plan, tuple(overrides), imatrix=imatrix)
 
 
 def add_parsers(sub) -> None:
     def main(a) -> None:
-        run_job(a.out, flags_of(a), a.config, a.eval_text, a.ood, eval_chunks=a.eval_chunks)
+        run_job(a.out, flags_of(a), a.config, a.eval_text, a.ood, eval_chunks=a.eval_chunks,
+                imatrix_chunks=a.imatrix_chunks)
 
     p = command(sub, "run", "The whole job: teacher, PTQ, QAT, export (GGUF, HF, Modelfile) and the report. "
                 "Run it again to resume.", "qatlm run --budget-minutes 9 --out runs/default", main)
     add_train_flags(p, C.resolve("default"))
     p.add_argument("--out", default="runs/default", help="output directory (default runs/default)")
     p.add_argument("--eval-text", help="in-domain evaluation text, held out from training (default: The Tempest)")
-    p.add_argument("--ood", help="out-of-domain evaluation text (default: the GPL-3 text shipped with qatlm)")
+    p.add_argument("--ood", nargs="+", help="out-of-domain evaluation texts (default: the four shipped with qatlm: "
+                   "GPL-3, OpenSSL docs, Python source, French prose)")
     p.add_argument("--eval-chunks", type=int, default=6, help="chunks of 512 tokens per evaluation (default 6)")
+    p.add_argument("--imatrix-chunks", type=int, default=128, help="chunks of 512 tokens of training text for the "
+                   "imatrix baseline (default 128, like the imatrix quants people publish)")

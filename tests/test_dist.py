@@ -6,7 +6,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from qatlm.cli import main
 from qatlm.train.config import TrainConfig

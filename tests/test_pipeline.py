@@ -17,7 +17,8 @@ def job(tmp_path_factory):
     (root / "ood.txt").write_text(("Licensed under the terms of the licence, without warranty of any kind. " * 60))
     flags = dict(teacher=str(tiny_llama(root / "teacher")), data=[str(root / "train.txt")], plan="q4_0",
                  budget_minutes=60, steps=8, lr=3e-4, seq_len=32, batch_size=4)
-    kw = dict(flags=flags, eval_text=str(root / "heldout.txt"), ood=str(root / "ood.txt"), eval_ctx=64, eval_chunks=2)
+    kw = dict(flags=flags, eval_text=str(root / "heldout.txt"), ood=[str(root / "ood.txt")], eval_ctx=64,
+              eval_chunks=2, imatrix_chunks=4, imatrix_ctx=64)
     return root, kw
 
 
@@ -29,13 +30,18 @@ def test_run_resumes_and_reports_llamacpp_numbers(job):
     summary = run_job(out=out, **kw)  # started again: resumes from the run directory
     steps = [json.loads(line)["step"] for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
-    for f in ("qat-q4_0.gguf", "ptq-q4_0.gguf", "Modelfile", "report.md", "summary.json", "training.png",
-              "qat-q4_0-hf/config.json", "report_in_domain/report.png", "report_out_of_domain/report.json"):
+    for f in ("qat-q4_0.gguf", "ptq-q4_0.gguf", "imatrix.gguf", "imatrix-ptq-q4_0.gguf", "Modelfile", "report.md",
+              "summary.json", "training.png", "qat-q4_0-hf/config.json", "report_in_domain/report.png",
+              "report_ood_ood/report.json"):
         assert (out / f).exists(), f
-    for label, text in (("in_domain", kw["eval_text"]), ("out_of_domain", kw["ood"])):
+    for label, text in (("in_domain", kw["eval_text"]), ("ood_ood", kw["ood"][0])):
         r = summary["results"][label]
         assert evaluate(str(out / "qat-q4_0.gguf"), text, 64, 2, "llama.cpp", progress=False).ppl == r["ppl_qat"]
         assert evaluate(str(out / "ptq-q4_0.gguf"), text, 64, 2, "llama.cpp", progress=False).ppl == r["ppl_ptq"]
+        imx = evaluate(str(out / "imatrix-ptq-q4_0.gguf"), text, 64, 2, "llama.cpp", kld_base=str(kw["flags"]["teacher"]
+                       and out / "teacher-f32.gguf"), progress=False)
+        assert (imx.ppl, imx.kld["kld_mean"]) == (r["ppl_imatrix"], r["kld_imatrix"])
+        assert r["qat_beats_imatrix"] == {"ppl": r["ppl_qat"] < r["ppl_imatrix"], "kld": r["kld_qat"] < r["kld_imatrix"]}
         if r["ppl_ptq"] > r["ppl_teacher"]:  # a tiny random model may show no PTQ drop at all
             assert r["share_removed"] == pytest.approx(
                 1 - (r["ppl_qat"] - r["ppl_teacher"]) / (r["ppl_ptq"] - r["ppl_teacher"]))

@@ -3,9 +3,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
-import qatlm.formats as F
 from qatlm.cli import main
 from qatlm.arch import gguf_tensors
 from qatlm.gguf.export import export_gguf
@@ -112,3 +110,27 @@ def test_data_free_distillation(tiny, tmp_path):
     assert len(set(stream.tolist())) > 20  # sampled, not a collapsed repetition
     with pytest.raises(ValueError, match="--data-free N"):
         train(cfg_for(tiny, "llama", tmp_path / "none", data=[]), progress=False)
+
+
+def test_imatrix_qat_exports_what_quantize_imatrix_writes(tiny, tmp_path):
+    """--imatrix: the student starts at imatrix PTQ and trains against llama-quantize --imatrix's rule; the
+    exported GGUF is byte for byte `qatlm quantize --imatrix` of the unquantized QAT checkpoint (which is
+    llama-quantize --imatrix: tests/test_ptq.py), incl. the Q4_1 guard of the first ffn_down layers."""
+    from qatlm.gguf.ptq import quantize_gguf
+    from qatlm.imatrix.compute import compute_imatrix
+
+    im = compute_imatrix(tiny["llama"], [str(tiny["data"])], tmp_path / "imatrix.gguf", ctx=64, chunks=4,
+                         progress=False)
+    cfg = cfg_for(tiny, "llama", tmp_path / "run", steps=4, imatrix=str(im))
+    run = train(cfg, progress=False)
+    assert kls(run)[-1] < kls(run)[0]
+    qat = tmp_path / "qat.gguf"
+    assert main(["export", str(run), str(qat), "--hf", str(tmp_path / "hf")]) == 0
+    _, t, student = load_run(run)
+    f32 = export_gguf(student, tmp_path / "f32.gguf", "f32", hf_dir=t.hf_dir, progress=False)
+    again = quantize_gguf(f32, tmp_path / "again.gguf", "q4_0", imatrix=im, progress=False)
+    a, b = tensors_by_name(qat), tensors_by_name(again)
+    assert a.keys() == b.keys() and all(a[n][0] == b[n][0] and np.array_equal(a[n][1], b[n][1]) for n in a)
+    assert a["blk.0.ffn_down.weight"][0] == "Q4_1" or len([n for n in a if "ffn_down" in n]) < 8
+    rtn = quantize_gguf(f32, tmp_path / "rtn.gguf", "q4_0", progress=False)
+    assert any(not np.array_equal(a[n][1], v[1]) for n, v in tensors_by_name(rtn).items())  # the rule mattered

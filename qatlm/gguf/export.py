@@ -78,8 +78,9 @@ def _vocab_metadata(writer, hf_dir: Path, n_vocab: int) -> None:
 
 def export_gguf(model: torch.nn.Module, out: str | os.PathLike, plan: str = "q4_0", overrides: tuple[str, ...] = (),
                 source_gguf: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None,
-                progress: bool = True) -> Path:
-    """Write `model` as a GGUF of `plan` (see module docstring). Returns the path."""
+                progress: bool = True, imatrix=None) -> Path:
+    """Write `model` as a GGUF of `plan` (see module docstring), quantized with `imatrix` (an Imatrix) as
+    llama-quantize --imatrix would, if given. Returns the path."""
     a = arch.of(model)
     named = arch.gguf_tensors(model)
     reader = None
@@ -94,7 +95,7 @@ def export_gguf(model: torch.nn.Module, out: str | os.PathLike, plan: str = "q4_
     elif hf_dir is None:
         raise ValueError("export_gguf needs source_gguf (copy its metadata) or hf_dir (build it from config + tokenizer)")
     p = parse_plan(plan, overrides)
-    types = p.types([(n, tuple(reversed(w.shape)), "f32") for n, w in named])
+    types = p.types([(n, tuple(reversed(w.shape)), "f32") for n, w in named], imatrix=imatrix is not None)
 
     def build(writer) -> None:  # keys of a model that has no source GGUF
         writer.add_name(Path(hf_dir).name)
@@ -107,7 +108,7 @@ def export_gguf(model: torch.nn.Module, out: str | os.PathLike, plan: str = "q4_
             from tqdm import tqdm
             it = tqdm(named, desc=f"export {Path(out).name} ({plan})", unit="tensor")
         for n, w in it:
-            yield encode_tensor(n, w, types[n])
+            yield encode_tensor(n, w, types[n], imatrix.weights(n) if imatrix is not None and n in imatrix else None)
 
     return write_gguf(out, a.name, lambda w: write_metadata(w, p.file_type, source=reader,
                                                             build=None if reader is not None else build), tensors())
@@ -132,8 +133,10 @@ def export_run(run_dir, out, hf: str | os.PathLike | None = None, teacher=None) 
     from ..train.loop import load_run
 
     cfg, t, student = load_run(run_dir, teacher)
+    from ..train.loop import load_imatrix
+
     gguf = export_gguf(student, out, cfg.plan, tuple(cfg.overrides), source_gguf=t.gguf_path,
-                       hf_dir=None if t.gguf_path else t.hf_dir)
+                       hf_dir=None if t.gguf_path else t.hf_dir, imatrix=load_imatrix(cfg, student))
     return gguf, (export_hf(student, t.tokenizer, hf) if hf else None)
 
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import arch, formats
-from .plan import plan_types
+from .plan import imatrix_weights, plan_types
 
 
 class FakeQuantLinear(nn.Linear):
@@ -34,11 +34,14 @@ class FakeQuantLinear(nn.Linear):
         self.lora_A: nn.Parameter | None = None  # [rank, in]
         self.lora_B: nn.Parameter | None = None  # [out, rank]
         self.lora_scale = 1.0
+        # [in]: per-column importance (llama-quantize --imatrix's weighted rule), not part of the checkpoint
+        self.register_buffer("imatrix", None, persistent=False)
 
     @classmethod
-    def from_linear(cls, m: nn.Linear, fmt: str) -> "FakeQuantLinear":
+    def from_linear(cls, m: nn.Linear, fmt: str, imatrix: torch.Tensor | None = None) -> "FakeQuantLinear":
         new = cls(m.in_features, m.out_features, m.bias is not None, fmt, device="meta")
         new.weight, new.bias = m.weight, m.bias  # the same Parameters: tying and state_dict names kept
+        new.imatrix = imatrix.to(m.weight.device) if imatrix is not None else None
         return new
 
     def to_linear(self) -> nn.Linear:
@@ -60,7 +63,7 @@ class FakeQuantLinear(nn.Linear):
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward computes with: fake_quant(merged weight) when enabled (fp32)."""
         w = self.merged_weight()
-        return formats.fake_quant(w, self.fmt) if self.enabled else w
+        return formats.fake_quant(w, self.fmt, self.imatrix) if self.enabled else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.effective_weight().to(x.dtype), self.bias)
@@ -123,9 +126,12 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def prepare(model: nn.Module, plan: str = "q4_0", overrides: tuple[str, ...] = ()) -> dict[str, str]:
-    """Swap modules for fake-quant ones following `plan` (in place). Returns {param name: type}."""
-    types = plan_types(model, plan, overrides)
+def prepare(model: nn.Module, plan: str = "q4_0", overrides: tuple[str, ...] = (), imatrix=None) -> dict[str, str]:
+    """Swap modules for fake-quant ones following `plan` (in place). Returns {param name: type}. With an
+    `imatrix` (qatlm.imatrix.Imatrix), weights it has entries for use llama-quantize --imatrix's weighted rule,
+    and the types follow its imatrix rules: the student computes with what `quantize --imatrix` would write."""
+    types = plan_types(model, plan, overrides, imatrix)
+    qw = imatrix_weights(model, imatrix)
     scale = arch.of(model).embed_scale(arch.of(model).text_config(model.config))
     modules = dict(model.named_modules())
     for pname, t in types.items():
@@ -134,7 +140,7 @@ def prepare(model: nn.Module, plan: str = "q4_0", overrides: tuple[str, ...] = (
         mname = pname[: -len(".weight")]
         m = modules[mname]
         if type(m) is nn.Linear:
-            _swap(model, mname, FakeQuantLinear.from_linear(m, t))
+            _swap(model, mname, FakeQuantLinear.from_linear(m, t, qw.get(pname)))
         elif isinstance(m, nn.Embedding):  # includes transformers' scaled embedding subclasses
             _swap(model, mname, FakeQuantEmbedding.from_embedding(m, t, scale))
     head = getattr(model, "lm_head", None)
@@ -170,17 +176,19 @@ def convert(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def snap_toward_grid_(model: nn.Module, plan: str, alpha: float = 0.05, overrides: tuple[str, ...] = ()) -> int:
+def snap_toward_grid_(model: nn.Module, plan: str, alpha: float = 0.05, overrides: tuple[str, ...] = (),
+                      imatrix=None) -> int:
     """w <- w + alpha * (fake_quant(w) - w) for every weight the plan quantizes. Returns how many weights
     changed. Codes and scales stay those of PTQ (checked by tests); weights leave the decision boundaries."""
-    types = plan_types(model, plan, overrides)
+    types = plan_types(model, plan, overrides, imatrix)
+    qw = imatrix_weights(model, imatrix)
     changed = 0
     for name, p in model.named_parameters(remove_duplicate=True):
         t = types.get(name)
         if t not in formats.names():
             continue
         flat = p.detach().reshape(-1, p.shape[-1])
-        q = formats.fake_quant(flat.float(), t)
+        q = formats.fake_quant(flat.float(), t, qw.get(name))
         new = flat.float() + alpha * (q - flat.float())
         changed += int((new != flat.float()).sum())
         p.copy_(new.reshape(p.shape).to(p.dtype))

@@ -29,6 +29,8 @@ class TrainConfig:
     out: str = "runs/qat"  # the run directory
     plan: str = "q4_0"  # the GGUF type plan the student is trained for (and exported with)
     overrides: list[str] = field(default_factory=list)  # PATTERN=TYPE plan overrides
+    imatrix: str | None = None  # an imatrix file: fake quant and export use llama-quantize --imatrix's rule
+    #                             (`qatlm run`: "auto" = the job's own imatrix of the training text)
     steps: int = 100  # optimizer steps
     seq_len: int = 256  # tokens per training sequence
     batch_size: int = 2  # sequences per micro-batch
@@ -71,7 +73,7 @@ class TrainConfig:
 
 
 # what a resumed run may not change: the model, the data and the data order it was trained on
-FIXED_ON_RESUME = ("teacher", "data", "data_free", "plan", "overrides", "seq_len", "batch_size", "grad_accum",
+FIXED_ON_RESUME = ("teacher", "data", "data_free", "plan", "overrides", "imatrix", "seq_len", "batch_size", "grad_accum",
                    "seed", "heldout_fraction", "snap", "train_embeddings", "lora_rank", "lora_alpha")
 RECIPES = Path(str(resources.files("qatlm.recipes")))
 

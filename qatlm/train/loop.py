@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from tqdm import tqdm
 
 from ..atomic import atomic_write_text
@@ -75,15 +74,28 @@ def build_student(cfg: TrainConfig, teacher_model: torch.nn.Module) -> torch.nn.
     """The teacher's copy, snapped toward the grid, with fake-quant modules (and LoRA) as the config says.
     Used by training and by load_run (whose checkpoint then overwrites every weight)."""
     student = copy.deepcopy(teacher_model)
+    im = load_imatrix(cfg, student)
     if cfg.snap:
-        snap_toward_grid_(student, cfg.plan, cfg.snap, tuple(cfg.overrides))
-    prepare(student, cfg.plan, tuple(cfg.overrides))
+        snap_toward_grid_(student, cfg.plan, cfg.snap, tuple(cfg.overrides), im)
+    prepare(student, cfg.plan, tuple(cfg.overrides), im)
     if cfg.lora_rank:
         add_lora(student, cfg.lora_rank, cfg.lora_alpha)  # freezes everything else
     else:
         for name, p in student.named_parameters():
             p.requires_grad_(cfg.train_embeddings or "embed" not in name)
     return student
+
+
+def load_imatrix(cfg: TrainConfig, model: torch.nn.Module):
+    """The run's Imatrix (None without one), checked against the model's blk.* matrices."""
+    if not cfg.imatrix:
+        return None
+    from .. import arch
+    from ..gguf.ptq import imatrix_for
+
+    params = dict(model.named_parameters())
+    return imatrix_for(cfg.imatrix, {g: tuple(params[n].shape) for n, g in arch.gguf_names(model).items()
+                                     if params[n].dim() == 2})
 
 
 def training_blocks(cfg: TrainConfig, run: Path, teacher: Teacher, ctx: dist.Context):
@@ -255,6 +267,8 @@ TRAIN_FLAGS = {
     "--data-free": ("data_free", int, "no corpus: train on N sequences of --seq-len tokens sampled from the teacher "
                     "(saved in the run directory)"),
     "--lora": ("lora_rank", int, "train LoRA adapters of this rank inside the fake quantizer instead of every weight"),
+    "--imatrix": ("imatrix", str, "an imatrix file: fake quant and export use llama-quantize --imatrix's rule, so the "
+                  "student starts at imatrix PTQ and the GGUF is that rule applied to the trained weights"),
 }
 
 
