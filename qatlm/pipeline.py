@@ -78,9 +78,6 @@ def job_config(out: Path, recipe: str | Path | None, flags: dict) -> tuple[C.Tra
     cfg = C.resolve(recipe or "default", saved=run_dir if started else None, flags=flags, notes=notes)
     if cfg.imatrix == "auto":
         cfg = C.TrainConfig(**{**cfg.__dict__, "imatrix": auto})
-    if cfg.imatrix == auto and not cfg.data:
-        raise ValueError("imatrix: auto needs training text to calibrate on before training (--data); with "
-                         "--data-free give an imatrix file instead (qatlm imatrix)")
     return cfg, started, notes
 
 
@@ -108,7 +105,9 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
 
     print(f"[1/5] teacher {src.path}")
     t = None  # loaded at most once, when a stage needs the torch model
-    if not (qat.exists() and (src.kind == "gguf" or (out / "teacher-f32.gguf").exists()) and ptq.exists()):
+    imatrix, imatrix_ptq = out / "imatrix.gguf", out / f"imatrix-ptq-{plan}.gguf"
+    if not (qat.exists() and (src.kind == "gguf" or (out / "teacher-f32.gguf").exists()) and ptq.exists()
+            and imatrix_ptq.exists()):
         t = load_teacher(cfg.teacher)
     print("[2/5] " + (f"{len(cfg.data)} training files" if cfg.data else
                       f"data-free: {cfg.data_free} sequences sampled from the teacher")
@@ -125,9 +124,9 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
     teacher_gguf = src.path if src.kind == "gguf" else out / "teacher-f32.gguf"
     if not teacher_gguf.exists():
         export_gguf(t.model, teacher_gguf, "f32", hf_dir=t.hf_dir)
-    imatrix, imatrix_ptq = out / "imatrix.gguf", out / f"imatrix-ptq-{plan}.gguf"
-    if cfg.data and not imatrix_ptq.exists():  # data-free jobs calibrate on the sampled text, after training
-        imatrix_baseline(t, teacher_gguf, cfg.data, imatrix, imatrix_ptq, plan, cfg.overrides, imatrix_chunks,
+    if not imatrix_ptq.exists():  # calibrated on the training text (data-free: the teacher's samples)
+        calibration = cfg.data or [str(sampled_text(t, cfg, run_dir, out / "synthetic.txt"))]
+        imatrix_baseline(t, teacher_gguf, calibration, imatrix, imatrix_ptq, plan, cfg.overrides, imatrix_chunks,
                          imatrix_ctx)
 
     if qat.exists():
@@ -142,17 +141,6 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
         export_run(run_dir, qat, qat_hf, teacher=t)
         atomic_write_text(out / "Modelfile", f"# Ollama: ollama create qatlm-{plan} -f Modelfile\nFROM ./{qat.name}\n")
     plot_training(run_dir / "metrics.jsonl", out / "training.png")
-    if not imatrix_ptq.exists():  # data-free: the teacher's own samples are the calibration text
-        sampled = out / "synthetic.txt"
-        if not sampled.exists():
-            import numpy as np
-
-            t = t or load_teacher(cfg.teacher)
-            atomic_write_text(sampled, t.tokenizer.decode(np.load(run_dir / "synthetic.npy").tolist(),
-                                                          skip_special_tokens=True))
-        imatrix_baseline(t, teacher_gguf, [str(sampled)], imatrix, imatrix_ptq, plan, cfg.overrides,
-                         imatrix_chunks, imatrix_ctx)
-
     print("[5/5] report (llama.cpp on the written files)")
     results = {}
     texts = [("in_domain", eval_text)] + [(f"ood_{Path(o).stem}", o) for o in ood]
@@ -186,6 +174,18 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
               f"{r['ppl_imatrix']:.2f} / QAT {r['ppl_qat']:.2f} -> {tail}; QAT beats imatrix PTQ: "
               f"{r['qat_beats_imatrix']}")
     return summary
+
+
+def sampled_text(t, cfg: C.TrainConfig, run_dir: Path, path: Path) -> Path:
+    """--data-free: the teacher's samples (sampled once, saved in the run directory, where training finds
+    them) as a text file to calibrate the imatrix on."""
+    from .train.synthetic import synthetic_stream
+
+    if not path.exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stream = synthetic_stream(run_dir, t.model, t.tokenizer, cfg.data_free, cfg.seq_len, cfg.seed)
+        atomic_write_text(path, t.tokenizer.decode(stream.tolist(), skip_special_tokens=True))
+    return path
 
 
 def imatrix_baseline(t, teacher_gguf: Path, text: list[str], imatrix: Path, imatrix_ptq: Path, plan: str,
