@@ -5,7 +5,7 @@
     teacher.model, teacher.tokenizer, teacher.gguf_path
 
 GGUF teachers are dequantized by transformers (gguf-py's dequantizers, which agree with llama.cpp's byte
-for byte: tests/test_quantize_llamacpp.py), then saved once as a Hugging Face directory in the cache
+for byte: tests/test_ptq.py), then saved once as a Hugging Face directory in the cache
 (~/.cache/qatlm/teachers/<sha256 of the file>, written atomically): converting Gemma's 262k-token vocabulary
 takes 15-30 s, and every later load of the same file reads the cached directory in a few seconds.
 

@@ -7,7 +7,7 @@
 Every quantizable tensor is dequantized to fp32 (exactly as llama.cpp would) and re-quantized through
 qatlm.formats; other tensors are copied byte for byte; metadata is copied with general.file_type set to
 the plan's llama_ftype. The result is tensor-for-tensor byte-identical to llama-quantize run on an F32
-GGUF of the same weights (tests/test_quantize_llamacpp.py).
+GGUF of the same weights (tests/test_ptq.py).
 """
 from __future__ import annotations
 
