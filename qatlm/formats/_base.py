@@ -79,7 +79,8 @@ class BlockFormat(ABC):
         the mean x^2 of each block's row, given when imatrix_use == "row" (else None). Exact rules only."""
         if self.imatrix_use == "ignored":
             return self.encode(blocks)
-        raise NotImplementedError(f"{self.name}: importance-matrix quantization is not implemented")
+        raise ValueError(f"{self.name}: qatlm has no importance-matrix rule for this format; quantize it without "
+                         "--imatrix, or give its tensors another type with --override")
 
     @abstractmethod
     def decode(self, codes: Codes) -> torch.Tensor:
