@@ -25,7 +25,7 @@ from pathlib import Path
 from . import arch
 from .atomic import atomic_write_text
 from .cli import command, plan_args
-from .gguf.io import field_value, open_gguf
+from .gguf.io import architecture, check_model_keys, field_value, open_gguf
 from .gguf.plans import is_quantizable, parse_plan, type_bytes
 from .sources import resolve
 
@@ -100,22 +100,31 @@ def load_shapes(model: str) -> ModelShapes:
         raise ValueError(f"{model!r} is neither a file, a directory nor a shipped model name ({', '.join(SHIPPED)})")
     if src.kind == "gguf":
         info, reader = open_gguf(src.path)
-        name = field_value(reader, "general.architecture")
+        name = architecture(reader, src.path)
         try:
             a = arch.get(name)
         except ValueError as e:
             raise ValueError(f"{src.path}: {e}") from None
-        key = lambda k, d=None: field_value(reader, f"{name}.{k}", d)  # noqa: E731
-        n_head = key("attention.head_count")
+        k = check_model_keys(info, reader, name)  # hyperparameters checked against the tensors
         return ModelShapes(src.path.name, name, [(t.name, t.ne, t.ggml_type.name.lower()) for t in info.tensors],
-                           key("block_count"), key("attention.head_count_kv", n_head),
-                           key("attention.key_length", key("embedding_length") // n_head),
-                           key("attention.sliding_window") if a.swa_pattern else None, a.swa_pattern)
+                           k["block_count"], k["head_count_kv"], k["key_length"],
+                           field_value(reader, f"{name}.attention.sliding_window") if a.swa_pattern else None,
+                           a.swa_pattern)
+    from .teacher import _json_file, _refuse_special_files, check_hf_config
+
+    _refuse_special_files(src.path)
     cfg = src.path / "config.json"
     if not cfg.is_file():
         raise ValueError(f"{src.path}: no config.json; pass a Hugging Face model directory, a GGUF file, or one of "
                          f"{', '.join(SHIPPED)}")
-    return shapes_from_config(str(src.path), json.loads(cfg.read_text()))
+    c = check_hf_config(_json_file(cfg, "a model's config.json"), cfg)
+    try:
+        return shapes_from_config(str(src.path), c)
+    except Exception as e:  # transformers' own config validation, in its own exception types
+        from .teacher import one_line
+
+        raise ValueError(f"{cfg}: transformers cannot build a model from it ({one_line(e)}); fix config.json") \
+            from None
 
 
 @dataclass
@@ -158,8 +167,11 @@ def memory(model: str, plan: str = "q4_0", ctx: int = 4096, kv_type: str = "f16"
     if plan in ("bf16", "int4"):
         types = {n: (plan if is_quantizable(n, ne) else "f32") for n, ne, _ in s.tensors}
     else:
-        types = parse_plan(plan, overrides).types([(n, ne, src if src in ("f32", "f16") else "f32")
-                                                   for n, ne, src in s.tensors])
+        try:
+            types = parse_plan(plan, overrides).types([(n, ne, src if src in ("f32", "f16") else "f32")
+                                                       for n, ne, src in s.tensors])
+        except ValueError as e:
+            raise ValueError(f"{model}: {e}") from None
     total = params = 0
     for n, ne, _ in s.tensors:
         count = math.prod(ne)

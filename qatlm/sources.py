@@ -10,6 +10,7 @@ Every command that takes a model (plan, quantize, memory, eval, compare, train, 
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,36 @@ BUNDLED = "bundled"
 class Source:
     kind: str  # "gguf" or "hf"
     path: Path
+
+
+def regular_file(path: str | os.PathLike, what: str = "a file") -> os.stat_result:
+    """stat() of `path`, which must be a regular file (symlinks followed); ValueError naming it otherwise. Called
+    before any user file is opened: opening a FIFO blocks forever and a device never ends."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; expected {what}") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror}); expected {what}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else \
+            "a socket" if stat.S_ISSOCK(st.st_mode) else "a device or other special file"
+        raise ValueError(f"{path}: is {kind}, not a regular file; expected {what} (qatlm reads only regular files)")
+    return st
+
+
+def read_user_text(path: str | os.PathLike, what: str, max_bytes: int = 64 << 20) -> str:
+    """A small UTF-8 text file a user gives (config.json, YAML, JSON): a regular file of at most max_bytes, or a
+    ValueError naming it."""
+    st = regular_file(path, what)
+    if st.st_size > max_bytes:
+        raise ValueError(f"{path}: {st.st_size} bytes; {what} is never that large (limit {max_bytes >> 20} MB)")
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 4]!r}); expected {what}") \
+            from None
 
 
 def bundled_gguf() -> Path:
@@ -46,7 +77,8 @@ def resolve(source: str | os.PathLike, kinds: tuple[str, ...] = ("gguf", "hf")) 
             raise ValueError(f"{p}: is a directory; expected {accepted} (or 'bundled')")
         return Source("hf", p)
     if p.exists():
-        raise ValueError(f"{p}: not a regular file or directory; expected {accepted} (or 'bundled')")
+        raise ValueError(f"{p}: not a regular file or directory (a FIFO, socket or device?); expected {accepted} "
+                         "(or 'bundled')")
     raise ValueError(f"{p}: no such file or directory; expected {accepted} (or 'bundled')")
 
 

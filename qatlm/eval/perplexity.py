@@ -37,9 +37,10 @@ PERCENTILES = [("max", 100.0), ("99.9%", 99.9), ("99%", 99.0), ("95%", 95.0), ("
 
 def read_text(path: str | Path) -> str:
     """The file verbatim as UTF-8, one trailing newline stripped (as llama-perplexity does)."""
+    from ..sources import regular_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+    regular_file(path, "a UTF-8 text file")  # a FIFO would block the read forever
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8")

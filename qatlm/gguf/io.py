@@ -4,10 +4,19 @@ Reading and writing use gguf-py (GGUFReader / GGUFWriter). What we add, and why 
 gguf-py's reader does not check sizes, offsets or bounds, and malformed files have been the source of
 llama.cpp CVEs (CVE-2024-21802/21825/21836/23496/23605, CVE-2026-33298). `validate()` walks the header
 with explicit bounds checks, doing what llama.cpp's gguf.cpp checks, before gguf-py touches the file:
-magic and version; counts bounded by the file size; every string and array within the file; no
-duplicate keys or tensor names; n_dims <= 4; non-negative dims whose product does not overflow; known
-tensor types; rows divisible by the block size; each tensor offset equal to the running sum of padded
-sizes (general.alignment: u32, a power of two, default 32); tensor data within the file.
+a regular file (a FIFO or device is refused before it is opened); magic and version; counts bounded by the
+file size; every string and array within the file; no empty or duplicate keys; tensor names non-empty, unique
+and shorter than GGML_MAX_NAME (64 bytes); n_dims <= 4; positive dims whose product does not overflow (an empty
+tensor is refused too: no model has one); known tensor types; rows divisible by the block size; each tensor
+offset equal to the running sum of padded sizes (general.alignment: u32, a power of two, default 32); tensor
+data within the file. One more bound is ours: gguf-py's reader builds a numpy view per array item (~1 KB of
+memory and ~20 us each), so a small file of millions of empty strings would cost gigabytes; the total number
+of metadata array items is capped by the file size (one per 64 bytes beyond 65,536; a real model has one per
+few hundred bytes or fewer) and at MAX_ARRAY_ITEMS (5x what Gemma 3's 262k-token vocabulary needs).
+
+`architecture()`, `check_model_keys()` and `check_dequantizable()` check what the commands read next: a string
+architecture, the hyperparameters a teacher or a memory estimate is built from (consistent with the tensors),
+and tensor types that gguf-py can dequantize to floats.
 
 `write_gguf()` writes through qatlm.atomic (temporary file beside the target, renamed when complete), so a
 crash or a full disk never leaves a half-written file under the requested name. `write_metadata()` is the one
@@ -18,6 +27,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +37,14 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from ..atomic import atomic_file
+from ..sources import regular_file
 
 _SCALAR = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _MAX_DIMS = 4
 _DEFAULT_ALIGNMENT = 32
+GGML_MAX_NAME = 64  # ggml.h: a tensor name (with its NUL) fits in 64 bytes; gguf.cpp refuses longer ones
+MAX_ARRAY_ITEMS = 1 << 22  # all metadata arrays together (Gemma 3: 3 x 262,144 items) ...
+BYTES_PER_ITEM = 64  # ... and, beyond 65,536 of them, one per 64 bytes of file (Gemma 3 270M: one per 320)
 
 
 class GGUFError(ValueError):
@@ -64,6 +78,8 @@ class GGUFInfo:
 class _Cursor:
     def __init__(self, buf: memoryview, path: Path):
         self.buf, self.pos, self.path = buf, 0, path
+        self.items = 0  # metadata array items so far
+        self.max_items = min(MAX_ARRAY_ITEMS, max(1 << 16, len(buf) // BYTES_PER_ITEM))
 
     def fail(self, why: str) -> GGUFError:
         return GGUFError(f"{self.path}: not a valid GGUF file: {why} (at byte {self.pos}). "
@@ -100,6 +116,11 @@ class _Cursor:
         if vtype == GGUFValueType.ARRAY:
             etype = self.unpack("I", f"array type of {key!r}")
             count = self.unpack("Q", f"array length of {key!r}")
+            self.items += count
+            if self.items > self.max_items:
+                raise self.fail(f"more than {self.max_items} metadata array items in a {len(self.buf)}-byte file "
+                                f"(array {key!r} has {count}); no model has that many per byte of weights, and "
+                                "gguf-py would need ~1 KB of memory per item")
             if etype in _SCALAR:
                 self.need(count * struct.calcsize(_SCALAR[etype]), f"array {key!r} of {count} items")
                 self.pos += count * struct.calcsize(_SCALAR[etype])
@@ -116,9 +137,10 @@ class _Cursor:
 def validate(path: str | os.PathLike) -> GGUFInfo:
     """Check a GGUF file's structure (see module docstring); raise GGUFError naming the file and the fault."""
     path = Path(path)
-    if not path.is_file():
-        raise GGUFError(f"{path}: no such file")
-    size = path.stat().st_size
+    try:
+        size = regular_file(path, "a GGUF file").st_size
+    except ValueError as e:
+        raise GGUFError(str(e)) from None
     if size == 0:
         raise GGUFError(f"{path}: not a valid GGUF file: the file is empty. Re-download or re-export the file.")
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
@@ -146,6 +168,8 @@ def _walk(c: "_Cursor", data: memoryview, size: int, path: Path) -> GGUFInfo:
     alignment = _DEFAULT_ALIGNMENT
     for _ in range(n_kv):
         key = c.string("key")
+        if not key:
+            raise c.fail("empty key name")
         if key in keys:
             raise c.fail(f"duplicate key {key!r}")
         vtype = c.unpack("I", f"type of {key!r}")
@@ -161,6 +185,9 @@ def _walk(c: "_Cursor", data: memoryview, size: int, path: Path) -> GGUFInfo:
     expected_offset = 0
     for _ in range(n_tensors):
         name = c.string("tensor name")
+        if not name or len(name.encode()) >= GGML_MAX_NAME:
+            raise c.fail(f"tensor name {name[:80]!r} is {len(name.encode())} bytes (1..{GGML_MAX_NAME - 1} allowed, "
+                         "as llama.cpp's gguf.cpp)")
         if name in names:
             raise c.fail(f"duplicate tensor name {name!r}")
         names.add(name)
@@ -170,8 +197,8 @@ def _walk(c: "_Cursor", data: memoryview, size: int, path: Path) -> GGUFInfo:
         ne = tuple(c.unpack("q", f"dims of {name!r}") for _ in range(n_dims))
         n = 1
         for dim in ne:
-            if dim < 0:
-                raise c.fail(f"tensor {name!r} has a negative dimension {ne}")
+            if dim <= 0:
+                raise c.fail(f"tensor {name!r} has a {'negative' if dim < 0 else 'zero'} dimension {ne}")
             n *= dim
             if n >= 1 << 62:
                 raise c.fail(f"tensor {name!r} dimensions {ne} overflow")
@@ -209,6 +236,134 @@ def field_value(reader: GGUFReader, key: str, default=None):
     return default if f is None else f.contents()
 
 
+def architecture(reader: GGUFReader, path: str | os.PathLike) -> str:
+    """general.architecture, which must be a non-empty string (GGUFError naming the file otherwise)."""
+    f = reader.fields.get("general.architecture")
+    if f is None:
+        raise GGUFError(f"{path}: no general.architecture key; is this a model GGUF? (convert the model with "
+                        "llama.cpp's convert_hf_to_gguf.py)")
+    value = f.contents()
+    if GGUFValueType(f.types[0]) != GGUFValueType.STRING or not value:
+        raise GGUFError(f"{path}: general.architecture is {value!r} ({GGUFValueType(f.types[0]).name}), not an "
+                        "architecture name string; the metadata is damaged: re-download or re-convert the file")
+    return value
+
+
+# tensor types gguf-py dequantizes (gguf.quants.dequantize): integer, F64 and Q8_1/Q8_K tensors are not weights
+def dequantizable(t: GGMLQuantizationType) -> bool:
+    from gguf import quants
+
+    return t in (GGMLQuantizationType.F32, GGMLQuantizationType.F16) or t in quants._type_traits
+
+
+def check_dequantizable(path: str | os.PathLike, tensors: Iterable[TensorInfo]) -> None:
+    """GGUFError naming the first tensor whose type cannot be read as float weights."""
+    for t in tensors:
+        if not dequantizable(t.ggml_type):
+            raise GGUFError(f"{path}: tensor {t.name!r} is stored as {t.ggml_type.name}, which is not a float or "
+                            "block-quantized weight type (gguf-py cannot dequantize it, nor can llama-quantize); "
+                            "re-convert the model with float weights")
+
+
+def check_finite(path: str | os.PathLike, name: str, w) -> None:
+    """ValueError naming the tensor when a weight holds NaN or inf (numpy array or torch tensor)."""
+    if isinstance(w, np.ndarray):
+        if w.dtype.kind != "f" or np.isfinite(w).all():
+            return
+        count = int((~np.isfinite(w)).sum())
+    else:
+        import torch
+
+        if not w.is_floating_point() or bool(torch.isfinite(w).all()):
+            return
+        count = int((~torch.isfinite(w)).sum())
+    if count:
+        raise ValueError(f"{path}: tensor {name!r} has {count} NaN/inf value(s); the weights are damaged "
+                         "(re-download or re-export the model)")
+
+
+_LAYER = re.compile(r"^blk\.(\d+)\.")
+
+
+def _int_key(reader: GGUFReader, path, key: str, lo: int, hi: int, default=None) -> int | None:
+    f = reader.fields.get(key)
+    if f is None:
+        if default is None:
+            raise GGUFError(f"{path}: no {key} key; the file lacks a model hyperparameter llama.cpp needs "
+                            "(re-convert it with convert_hf_to_gguf.py)")
+        return default
+    v = f.contents()
+    if GGUFValueType(f.types[0]) in (GGUFValueType.ARRAY, GGUFValueType.STRING, GGUFValueType.BOOL,
+                                     GGUFValueType.FLOAT32, GGUFValueType.FLOAT64) or not lo <= v <= hi:
+        raise GGUFError(f"{path}: {key} is {v!r} ({GGUFValueType(f.types[0]).name}); expected an integer in "
+                        f"{lo}..{hi}. The metadata is damaged: re-download or re-convert the file")
+    return int(v)
+
+
+def _float_key(reader: GGUFReader, path, key: str) -> None:
+    f = reader.fields.get(key)
+    if f is None:
+        return
+    v = f.contents()
+    if GGUFValueType(f.types[0]) not in (GGUFValueType.FLOAT32, GGUFValueType.FLOAT64) or not 0 < v < float("inf"):
+        raise GGUFError(f"{path}: {key} is {v!r}; expected a positive finite float. The metadata is damaged: "
+                        "re-download or re-convert the file")
+
+
+def check_model_keys(info: GGUFInfo, reader: GGUFReader, arch: str) -> dict[str, int]:
+    """The hyperparameters a model is built from, checked against the tensors before transformers (or the
+    memory estimate) trusts them: block_count >= 2 and equal to the number of blk.N layers in the file (a
+    count that drops layers or asks for 2^31 of them is refused), positive sizes, heads that divide evenly, an
+    embedding width matching token_embd, a vocabulary matching token_embd's rows, special token ids inside it.
+    Returns {"block_count", "embedding_length", "head_count", "head_count_kv", "key_length"}."""
+    path = info.path
+    layers = {int(m.group(1)) for t in info.tensors if (m := _LAYER.match(t.name))}
+    n_layer = max(layers) + 1 if layers else 0
+    bc = _int_key(reader, path, f"{arch}.block_count", 0, 1024)
+    if bc < 2 or bc != n_layer or len(layers) != n_layer:
+        raise GGUFError(f"{path}: {arch}.block_count is {bc} but the file holds tensors of {len(layers)} layers "
+                        f"(blk.0 .. blk.{n_layer - 1}); qatlm needs block_count >= 2 matching the blk.N tensors "
+                        "(else layers would be dropped or invented). Re-convert the file")
+    hi = 1 << 24
+    emb, heads = (_int_key(reader, path, f"{arch}.{k}", 1, hi) for k in ("embedding_length", "attention.head_count"))
+    for k in ("context_length", "feed_forward_length"):
+        _int_key(reader, path, f"{arch}.{k}", 1, hi)
+    kv = _int_key(reader, path, f"{arch}.attention.head_count_kv", 1, hi, default=heads)
+    if heads % kv:
+        raise GGUFError(f"{path}: {arch}.attention.head_count {heads} is not a multiple of head_count_kv {kv}; "
+                        "the metadata is damaged: re-download or re-convert the file")
+    key_len = _int_key(reader, path, f"{arch}.attention.key_length", 1, hi, default=-1)
+    if key_len == -1:
+        if emb % heads:
+            raise GGUFError(f"{path}: {arch}.embedding_length {emb} is not a multiple of attention.head_count "
+                            f"{heads} and there is no attention.key_length; re-convert the file")
+        key_len = emb // heads
+    _int_key(reader, path, f"{arch}.attention.value_length", 1, hi, default=key_len)
+    _int_key(reader, path, f"{arch}.attention.sliding_window", 1, hi, default=1)
+    for k in ("attention.layer_norm_rms_epsilon", "rope.freq_base"):
+        _float_key(reader, path, f"{arch}.{k}")
+    embd = next((t for t in info.tensors if t.name == "token_embd.weight"), None)
+    if embd is None or len(embd.ne) != 2 or embd.ne[0] != emb:
+        raise GGUFError(f"{path}: token_embd.weight is {'missing' if embd is None else f'ne {embd.ne}'}; expected "
+                        f"[{emb}, n_vocab] ({arch}.embedding_length {emb}). Re-convert the file")
+    n_vocab = embd.ne[1]
+    f = reader.fields.get("tokenizer.ggml.tokens")
+    if f is None or GGUFValueType(f.types[0]) != GGUFValueType.ARRAY or len(f.data) != n_vocab \
+            or (f.data and GGUFValueType(f.types[1]) != GGUFValueType.STRING):
+        got = "missing" if f is None else f"{len(f.data)} items of {[GGUFValueType(x).name for x in f.types]}"
+        raise GGUFError(f"{path}: tokenizer.ggml.tokens is {got}; expected {n_vocab} strings (token_embd.weight has "
+                        f"{n_vocab} rows). Re-convert the file")
+    for k in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        g = reader.fields.get(k)
+        if g is not None and (GGUFValueType(g.types[0]) != GGUFValueType.ARRAY or len(g.data) != n_vocab):
+            raise GGUFError(f"{path}: {k} has {len(g.data)} items but the vocabulary has {n_vocab} tokens; "
+                            "re-convert the file")
+    for k in ("bos", "eos", "unknown", "padding", "seperator", "cls", "mask", "eot", "eom"):
+        _int_key(reader, path, f"tokenizer.ggml.{k}_token_id", 0, n_vocab - 1, default=-1)
+    return {"block_count": bc, "embedding_length": emb, "head_count": heads, "head_count_kv": kv,
+            "key_length": key_len}
+
+
 def copy_fields(reader: GGUFReader, writer: GGUFWriter, skip: Iterable[str] = ()) -> None:
     """Copy every metadata key of a source file, with its type, except GGUF.* and those in `skip`."""
     skip = set(skip) | {"general.architecture", "general.alignment"}  # the writer sets these
@@ -216,6 +371,10 @@ def copy_fields(reader: GGUFReader, writer: GGUFWriter, skip: Iterable[str] = ()
         if key.startswith("GGUF.") or key in skip:
             continue
         vtype = GGUFValueType(f.types[0])
+        if vtype == GGUFValueType.ARRAY and len(f.types) < 2:  # gguf-py's writer cannot write an empty array
+            raise GGUFError(f"{getattr(reader.data, 'filename', 'the source GGUF')}: metadata key {key!r} is an "
+                            "empty array, which qatlm (gguf-py) cannot copy; remove the key (gguf-py's "
+                            "gguf_new_metadata.py --remove-metadata) or re-convert the file")
         sub = GGUFValueType(f.types[-1]) if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(key, f.contents(), vtype, sub_type=sub)
 

@@ -169,10 +169,10 @@ def check_against(im: Imatrix, tensors: dict[str, tuple[int, ...]], path: str | 
 def read_imatrix(path: str | os.PathLike, allow_zero_counts: bool = False) -> Imatrix:
     """Read an imatrix file, GGUF or legacy .dat (told apart by the GGUF magic, as llama.cpp's loader does),
     and validate it. Raises ValueError naming the file (and the tensor) when it is not a usable imatrix."""
+    from ..sources import regular_file
+
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such imatrix file")
-    if path.stat().st_size == 0:
+    if regular_file(path, "an imatrix file (llama-imatrix's GGUF or legacy .dat)").st_size == 0:
         raise ValueError(f"{path}: the imatrix file is empty (an interrupted run?). Recompute it.")
     with open(path, "rb") as fh:
         magic = fh.read(4)

@@ -7,6 +7,7 @@ same format serves single-process runs. It is written to `checkpoint.partial/` a
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import warnings
 from contextlib import contextmanager
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from ..atomic import old_name, swap_in
+from ..sources import regular_file
 from .dist import Context, barrier
 
 CKPT = "checkpoint"
@@ -23,11 +25,19 @@ CKPT = "checkpoint"
 
 @contextmanager
 def _quiet():
-    """DCP warns that it runs single-process when no process group exists: that is intended here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
-        yield
+    """DCP warns that it runs single-process when no process group exists: that is intended here. Its logged
+    tracebacks (a damaged .metadata: "falling back to rank local metadata") are silenced too: load_checkpoint
+    reports the failure as one line."""
+    log = logging.getLogger()  # DCP logs to the root logger
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to.*")
+            yield
+    finally:
+        log.setLevel(level)
 
 
 def checkpoint_dir(run: Path) -> Path | None:
@@ -38,9 +48,25 @@ def checkpoint_dir(run: Path) -> Path | None:
     return None
 
 
+def _state(ck: Path) -> dict:
+    """state.pt of a checkpoint, checked: a damaged file is a ValueError naming it."""
+    f = ck / "state.pt"
+    regular_file(f, "a checkpoint's state.pt")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and torch errors of a damaged file
+        raise ValueError(f"{f}: cannot read the checkpoint state ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                         "; the checkpoint is damaged: train again (or restore it)") from None
+    if not isinstance(state, dict) or type(state.get("step")) is not int or state["step"] < 0 \
+            or not isinstance(state.get("torch_rng"), torch.Tensor) or state["torch_rng"].dtype != torch.uint8:
+        raise ValueError(f"{f}: not a qatlm checkpoint state (step, torch_rng); the checkpoint is damaged: train "
+                         "again (or restore it)")
+    return state
+
+
 def checkpoint_step(run: Path) -> int:
     ck = checkpoint_dir(run)
-    return int(torch.load(ck / "state.pt", map_location="cpu", weights_only=True)["step"]) if ck else 0
+    return _state(ck)["step"] if ck else 0
 
 
 def save_checkpoint(run: Path, ctx: Context, student: nn.Module, opt, step: int) -> None:
@@ -65,22 +91,35 @@ def save_checkpoint(run: Path, ctx: Context, student: nn.Module, opt, step: int)
 def load_checkpoint(run: Path, student: nn.Module, opt=None) -> int:
     """Load the run's checkpoint into student (and opt), resharding to this job's processes. Returns the step."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                          set_model_state_dict, set_state_dict)
 
     ck = checkpoint_dir(run)
     if ck is None:
         raise ValueError(f"{run}: no complete checkpoint ({CKPT}/ with state.pt); train first or check the path")
-    with _quiet():
-        if opt is not None:
-            msd, osd = get_state_dict(student, opt)
-            sd = {"model": msd, "optim": osd}
-            dcp.load(sd, checkpoint_id=str(ck))
-            set_state_dict(student, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-        else:
-            sd = {"model": get_model_state_dict(student)}
-            dcp.load(sd, checkpoint_id=str(ck))
-            set_model_state_dict(student, sd["model"], options=StateDictOptions(strict=True))
-    state = torch.load(ck / "state.pt", map_location="cpu", weights_only=True)
-    torch.set_rng_state(state["torch_rng"])
-    return int(state["step"])
+    for f in ck.iterdir():  # DCP opens every shard: a FIFO among them would block
+        if not f.is_dir():
+            regular_file(f, "a checkpoint file")
+    state = _state(ck)
+    try:
+        with _quiet():
+            if opt is not None:
+                msd, osd = get_state_dict(student, opt)
+                sd = {"model": msd, "optim": osd}
+                dcp.load(sd, checkpoint_id=str(ck))
+                set_state_dict(student, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+            else:
+                sd = {"model": get_model_state_dict(student)}
+                dcp.load(sd, checkpoint_id=str(ck))
+                set_model_state_dict(student, sd["model"], options=StateDictOptions(strict=True))
+    except (Exception, CheckpointException) as e:  # DCP's own types (CheckpointException is a BaseException)
+        if isinstance(e, CheckpointException) and e.failures:  # its str() is a traceback: report the cause
+            e = next(iter(e.failures.values()))[0]
+        raise ValueError(f"{ck}: cannot load the checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+                         "it is damaged or from another model/config: train again (or restore it)") from None
+    try:
+        torch.set_rng_state(state["torch_rng"])
+    except RuntimeError as e:
+        raise ValueError(f"{ck / 'state.pt'}: damaged RNG state ({e}); train again (or restore it)") from None
+    return state["step"]

@@ -4,70 +4,135 @@ Sources: .txt files (one document each), .jsonl (a "text" field, or chat "messag
 tokenizer's chat template), .parquet (a "text" column); a directory means every such file in it, sorted.
 Each document is tokenized once (BOS first when the tokenizer has one, EOS last), the stream is cut into
 blocks of seq_len whose first token is replaced by BOS, and a seeded permutation sets heldout_fraction of the blocks aside. Token ids are cached
-per file (keyed by the file's content and the tokenizer) so a resumed or repeated run does not re-tokenize.
+per file (keyed by the file's content, how it is read (.txt / .jsonl / .parquet) and the tokenizer) so a resumed or
+repeated run does not re-tokenize. Every file is checked to be a regular file before it is opened (a FIFO would
+block), and a bad row is an error naming the file and the line.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..atomic import atomic_file
+from ..sources import regular_file
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
 def expand(paths: list[str]) -> list[Path]:
+    """The training files: each path a file, or a directory meaning its .txt/.jsonl/.parquet files, sorted.
+    Anything that is not a regular file (a FIFO, a socket, a device) is refused before it is opened."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix in SUFFIXES)
-        elif p.is_file():
-            files.append(p)
+            found = sorted(f for f in p.iterdir() if f.suffix in SUFFIXES)
+            for f in found:
+                regular_file(f, f"training data ({', '.join(SUFFIXES)})")
+            files += found
         else:
-            raise ValueError(f"{p}: no such file or directory (training data: {', '.join(SUFFIXES)} files or folders)")
+            if not os.path.lexists(p):
+                raise ValueError(f"{p}: no such file or directory (training data: {', '.join(SUFFIXES)} files or "
+                                 "folders)")
+            regular_file(p, f"training data ({', '.join(SUFFIXES)} files or folders)")
+            files.append(p)
     if not files:
         raise ValueError(f"no training files ({', '.join(SUFFIXES)}) in {paths}; give --data FILES_OR_DIRS")
     return files
 
 
+def _text(value, where: str, what: str = "'text'") -> str:
+    """A document: a str that UTF-8 can encode (json.loads lets lone surrogates such as "\ud800" through)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {what} is a {type(value).__name__}, not a string; fix that row")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where}: {what} holds an invalid character ({e.reason}: a lone surrogate escape such as "
+                         f"\\ud800 at position {e.start}); fix that row") from None
+    return value
+
+
+def _jsonl(path: Path, tokenizer) -> list[str]:
+    raw = path.read_bytes()
+    docs = []
+    for i, bline in enumerate(raw.splitlines(), 1):
+        where = f"{path}:{i}"
+        try:
+            line = bline.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where}: not UTF-8 (byte {e.start} of the line); convert the file to UTF-8") from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e}); fix that row") from None
+        except RecursionError:
+            raise ValueError(f"{where}: JSON nested too deeply; fix that row") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: a JSONL row must be an object with 'text' or 'messages', got a "
+                             f"{type(row).__name__}; fix that row")
+        if "text" in row:
+            docs.append(_text(row["text"], where))
+        elif "messages" in row:
+            msgs = row["messages"]
+            if not isinstance(msgs, list) or not msgs or not all(
+                    isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
+                raise ValueError(f"{where}: 'messages' must be a list of objects with a string 'role' and "
+                                 "'content'; fix that row")
+            for m in msgs:
+                _text(m.get("content"), where, "a message's 'content'")
+            try:
+                docs.append(_text(tokenizer.apply_chat_template(msgs, tokenize=False), where, "the rendered chat"))
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+            except Exception as e:  # jinja2 errors of the tokenizer's chat template
+                raise ValueError(f"{where}: the tokenizer's chat template cannot render these messages "
+                                 f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); fix that row") from None
+        else:
+            raise ValueError(f"{where}: a JSONL row needs 'text' or 'messages'")
+    return docs
+
+
 def documents(path: Path, tokenizer) -> list[str]:
     if path.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not JSON ({e})") from None
-            if "text" in row:
-                docs.append(row["text"])
-            elif "messages" in row:
-                docs.append(tokenizer.apply_chat_template(row["messages"], tokenize=False))
-            else:
-                raise ValueError(f"{path}:{i}: a JSONL row needs 'text' or 'messages'")
-        return docs
+        return _jsonl(path, tokenizer)
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow's ArrowInvalid and friends
+            raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {e}); re-export it") from None
         if "text" not in table.column_names:
             raise ValueError(f"{path}: no 'text' column (columns: {table.column_names})")
-        return [t for t in table.column("text").to_pylist() if t]
+        return [_text(t, f"{path}: row {i}") for i, t in enumerate(table.column("text").to_pylist()) if t]
     try:
         return [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); convert the file to UTF-8") from None
+
+
+# bump when the way a file becomes tokens changes: cached ids from older rules are not reused
+TOKENIZE_VERSION = 2
+
+
+def reader_kind(path: Path) -> str:
+    """How a file is read (documents()): part of the token cache key, so a .jsonl never reuses the ids of a
+    .txt with the same bytes."""
+    return {".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix, "text")
 
 
 def tokenize_file(path: Path, tokenizer, cache: Path | None) -> np.ndarray:
-    key = hashlib.sha256(path.read_bytes() + str(getattr(tokenizer, "name_or_path", "")).encode()
+    key = hashlib.sha256(f"qatlm-tokens v{TOKENIZE_VERSION} {reader_kind(path)}\n".encode() + path.read_bytes()
+                         + str(getattr(tokenizer, "name_or_path", "")).encode()
                          + str(len(tokenizer)).encode()).hexdigest()[:32]
     cached = cache / f"{key}.npy" if cache else None
     if cached is not None and cached.is_file():
@@ -99,7 +164,8 @@ def load_blocks(paths: list[str], tokenizer, seq_len: int, heldout_fraction: flo
     files = expand(paths)
     stream = np.concatenate([tokenize_file(f, tokenizer, cache) for f in tqdm(files, desc="tokenize", unit="file",
                                                                              disable=len(files) < 4)])
-    return blocks_from_stream(stream, tokenizer, seq_len, heldout_fraction, seed, f"in {len(files)} files")
+    where = f"in {', '.join(map(str, files))}" if len(files) <= 3 else f"in {len(files)} files ({files[0]}, ...)"
+    return blocks_from_stream(stream, tokenizer, seq_len, heldout_fraction, seed, where)
 
 
 def blocks_from_stream(stream: np.ndarray, tokenizer, seq_len: int, heldout_fraction: float = 0.05, seed: int = 0,
