@@ -19,6 +19,14 @@ either waits for the first or finds a complete build; an interrupted build leave
 ggml compiles for the building machine's CPU (GGML_NATIVE), so build-info.json records the CPU's feature flags;
 a cache restored onto a machine with different flags is rebuilt rather than crashing with SIGILL.
 
+llama.cpp's converter, convert_hf_to_gguf.py, is Python and ships in the same sdist (not in the `gguf` package):
+`converter()` extracts it with what it imports (conversion/, gguf-py/, models/templates/) to
+
+    $QATLM_CACHE / llama.cpp-convert / <version> / convert_hf_to_gguf.py ...
+
+once, atomically and under the same kind of lock; run it with this interpreter (it needs torch, numpy,
+transformers and, for SentencePiece tokenizers, sentencepiece: the test extra).
+
 Run `python tests/llama_tools.py` to build (or find) the tools and print their paths and the build time.
 """
 from __future__ import annotations
@@ -112,10 +120,9 @@ def _run(cmd: list[str], log: Path, **kw) -> None:
                            f"(exit {r.returncode}); last lines of {log}:\n{tail}")
 
 
-def _build(version: str, work: Path, out: Path) -> dict:
-    """Download the sdist of llama-cpp-python==version into `work`, build TOOLS, put them in `out`/bin."""
-    t0 = time.perf_counter()
-    log = work / "build.log"
+def _vendored_llama_cpp(version: str, work: Path, log: Path, members=None) -> Path:
+    """Download the sdist of llama-cpp-python==version into `work` and extract it (only the paths under its
+    vendor/llama.cpp/ that `members(relative_path)` accepts, if given); returns its vendor/llama.cpp."""
     src_dir = work / "sdist"
     _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
           f"llama-cpp-python=={version}", "-d", src_dir], log)
@@ -123,14 +130,27 @@ def _build(version: str, work: Path, out: Path) -> dict:
     if not archives:
         raise RuntimeError(f"pip download left no llama_cpp_python sdist in {src_dir}: {os.listdir(src_dir)}")
     with tarfile.open(archives[0]) as tar:
+        chosen = None
+        if members is not None:
+            def wanted(m):
+                parts = m.name.split("/", 3)  # <root>/vendor/llama.cpp/<rest>
+                return len(parts) == 4 and parts[1:3] == ["vendor", "llama.cpp"] and members(parts[3])
+            chosen = [m for m in tar.getmembers() if wanted(m)]
         try:
-            tar.extractall(work / "src", filter="data")  # refuses links and paths leaving the target
+            tar.extractall(work / "src", members=chosen, filter="data")  # refuses links and paths leaving the target
         except TypeError:  # Python < 3.11.4: no extraction filters
-            tar.extractall(work / "src")
+            tar.extractall(work / "src", members=chosen)
     (root,) = (work / "src").iterdir()
-    llama = root / "vendor" / "llama.cpp"
+    return root / "vendor" / "llama.cpp"
+
+
+def _build(version: str, work: Path, out: Path) -> dict:
+    """Download the sdist of llama-cpp-python==version into `work`, build TOOLS, put them in `out`/bin."""
+    t0 = time.perf_counter()
+    log = work / "build.log"
+    llama = _vendored_llama_cpp(version, work, log)
     if not (llama / "CMakeLists.txt").is_file():
-        raise RuntimeError(f"{archives[0].name} has no vendored llama.cpp at {llama}")
+        raise RuntimeError(f"the llama-cpp-python {version} sdist has no vendored llama.cpp at {llama}")
     t_download = time.perf_counter() - t0
 
     cmake = _executable("cmake")
@@ -187,6 +207,41 @@ def tool(name: str) -> Path:
     return ensure_built() / "bin" / name
 
 
+# what convert_hf_to_gguf.py reads besides itself (paths relative to the vendored llama.cpp)
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "LICENSE", "conversion/", "gguf-py/", "models/templates/")
+
+
+def converter(version: str | None = None) -> Path:
+    """Path of llama.cpp's convert_hf_to_gguf.py from the installed llama-cpp-python's sdist (extracted once)."""
+    from filelock import FileLock
+
+    version = version or llama_cpp_version()
+    final = cache_root() / "llama.cpp-convert" / version
+    script = final / "convert_hf_to_gguf.py"
+    if (final / "extracted.json").is_file():
+        return script
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(final.parent / f".{version}.lock")):
+        if (final / "extracted.json").is_file():
+            return script
+        work = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".partial", dir=final.parent))
+        try:
+            t0 = time.perf_counter()
+            llama = _vendored_llama_cpp(version, work, work / "download.log",
+                                        lambda rel: any(rel == f or (f.endswith("/") and rel.startswith(f))
+                                                        for f in CONVERTER_FILES))
+            if not (llama / "convert_hf_to_gguf.py").is_file():
+                raise RuntimeError(f"the llama-cpp-python {version} sdist has no convert_hf_to_gguf.py in {llama}")
+            (llama / "extracted.json").write_text(json.dumps({"llama_cpp_python": version,
+                                                              "download_s": round(time.perf_counter() - t0, 1)}))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(llama, final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return script
+
+
 def build_info() -> dict:
     """build-info.json of the (built) tools: version, CPU fingerprint, build_s (seconds the build took)."""
     return json.loads((ensure_built() / "build-info.json").read_text())
@@ -196,4 +251,5 @@ if __name__ == "__main__":
     t = time.perf_counter()
     for name in TOOLS:
         print(tool(name))
+    print(converter())
     print(json.dumps(build_info()), f"(this call: {time.perf_counter() - t:.1f} s)")

@@ -47,6 +47,14 @@ def test_run_resumes_and_reports_llamacpp_numbers(job):
                 1 - (r["ppl_qat"] - r["ppl_teacher"]) / (r["ppl_ptq"] - r["ppl_teacher"]))
         else:
             assert r["share_removed"] is None
+    # model cards beside the GGUF and in the checkpoint: the measured table and the command that made them
+    for card in (out / "README.md", out / "qat-q4_0-hf" / "README.md"):
+        text = card.read_text()
+        assert text.startswith("---\n") and "pipeline_tag: text-generation" in text and "- qat\n" in text
+        r = summary["results"]["in_domain"]
+        assert f"| **{r['ppl_qat']:.2f}** |" in text and f"| {r['ppl_imatrix']:.2f} |" in text
+        assert f"qatlm run --out {out} --teacher {kw['flags']['teacher']}" in text
+        assert "`q4_0`, quantized with the importance matrix `imatrix.gguf`" in text
     # a third start finds everything done and only re-reports
     again = run_job(out=out, **kw)
     assert again["results"] == summary["results"]

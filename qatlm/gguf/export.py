@@ -1,5 +1,7 @@
 """Stage 4, export: a model qatlm holds in memory as a GGUF that llama.cpp loads as-is (quantized through
-qatlm.formats), and as the unquantized Hugging Face checkpoint.
+qatlm.formats), and as the unquantized Hugging Face checkpoint (which llama.cpp's convert_hf_to_gguf.py and
+llama-quantize turn into the same GGUF, byte for byte); `export_run` also writes the mlx-lm directory
+(qatlm.mlx_export) and a model card beside each export (qatlm.card).
 
     export_gguf(model, "out.gguf", plan="q4_0", source_gguf=teacher.gguf_path)   # reuse the source metadata
     export_gguf(model, "out.gguf", plan="q4_0", hf_dir=teacher.hf_dir)            # build it from config+tokenizer
@@ -14,12 +16,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 
-from .. import arch
+from .. import arch, formats
 from ..atomic import atomic_dir
 from ..cli import command
 from ..teacher import save_state_dict
@@ -96,6 +99,10 @@ def export_gguf(model: torch.nn.Module, out: str | os.PathLike, plan: str = "q4_
         raise ValueError("export_gguf needs source_gguf (copy its metadata) or hf_dir (build it from config + tokenizer)")
     p = parse_plan(plan, overrides)
     types = p.types([(n, tuple(reversed(w.shape)), "f32") for n, w in named], imatrix=imatrix is not None)
+    mlx = sorted({t for t in types.values() if formats.is_mlx(t)})
+    if mlx:
+        raise ValueError(f"plan {plan!r} puts tensors in MLX's {', '.join(mlx)}, which a GGUF cannot hold: export "
+                         "for MLX instead (`qatlm export RUN --mlx DIR`, qatlm.mlx_export)")
 
     def build(writer) -> None:  # keys of a model that has no source GGUF
         writer.add_name(Path(hf_dir).name)
@@ -114,41 +121,104 @@ def export_gguf(model: torch.nn.Module, out: str | os.PathLike, plan: str = "q4_
                                                             build=None if reader is not None else build), tensors())
 
 
-def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike) -> Path:
+# files of the teacher's directory that a loaded tokenizer does not write back: the SentencePiece model, which
+# llama.cpp's converter reads for Llama / Gemma / Qwen vocabularies (without it, it needs a BPE pre-tokenizer it
+# knows by hash), and the generation defaults (eos ids) that transformers and mlx-lm read
+_COPIED_FROM_TEACHER = ("tokenizer.model", "generation_config.json")
+
+
+def save_tokenizer(tokenizer, out_dir: Path, source_dir: str | os.PathLike | None = None) -> None:
+    """The tokenizer's files in out_dir, plus the teacher directory's files it does not write (see above)."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    for name in _COPIED_FROM_TEACHER if source_dir is not None else ():
+        src = Path(source_dir) / name
+        if src.is_file() and not (out_dir / name).exists():
+            shutil.copyfile(src, out_dir / name)
+
+
+def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike,
+              source_dir: str | os.PathLike | None = None) -> Path:
     """The unquantized checkpoint as a Hugging Face directory (config + safetensors + tokenizer), atomically:
-    an existing directory is replaced only by a complete one."""
+    an existing directory is replaced only by a complete one. `source_dir`: the teacher's Hugging Face
+    directory, whose tokenizer.model and generation_config.json are copied along (when it has them), so that
+    llama.cpp's convert_hf_to_gguf.py converts the checkpoint as it converts the teacher (tests/test_converter.py)."""
     if not getattr(model.config, "architectures", None):  # llama.cpp's converter detects the family by it
         model.config.architectures = [arch.of(model).hf_class]
     with atomic_dir(out_dir) as tmp:
         model.config.save_pretrained(tmp)
         save_state_dict(model, tmp / "model.safetensors")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp, source_dir)
     return Path(out_dir)
 
 
-def export_run(run_dir, out, hf: str | os.PathLike | None = None, teacher=None) -> tuple[Path, Path | None]:
-    """A training run's QAT GGUF (and unquantized checkpoint): the student at its last checkpoint, quantized
-    with the run's plan. `teacher`: an already loaded Teacher of the run (saves loading it again)."""
-    from ..train.loop import load_run
+class Exports(NamedTuple):
+    gguf: Path | None  # the QAT GGUF
+    hf: Path | None  # the unquantized checkpoint
+    mlx: Path | None  # the mlx-lm directory
+    cards: list[Path]  # the README.md model cards written beside them
 
+
+def export_run(run_dir, out: str | os.PathLike | None = None, hf: str | os.PathLike | None = None, teacher=None,
+               mlx: str | os.PathLike | None = None, command: str | None = None,
+               base_model: str | None = None) -> Exports:
+    """A training run's exports: the QAT GGUF (`out`), the unquantized checkpoint (`hf`) and the mlx-lm directory
+    (`mlx`), each optional, from the student at its last checkpoint quantized with the run's plan (and imatrix);
+    then a model card (README.md) beside each (qatlm.card; `command`: the command line to show in it,
+    `base_model`: overrides the teacher's). `teacher`: an already loaded Teacher of the run (saves loading it)."""
+    from collections import Counter
+
+    from ..card import card_info, write_card
+    from ..student.plan import plan_types
+    from ..train import config as C
+    from ..train.loop import load_imatrix, load_run
+
+    if out is None and hf is None and mlx is None:
+        raise ValueError("nothing to export: give the GGUF to write (OUT), --hf DIR and/or --mlx DIR")
+    plan = C.resolve(saved=Path(run_dir)).plan if (Path(run_dir) / "config.yaml").is_file() else None
+    if out is not None and plan is not None and formats.is_mlx(plan):
+        raise ValueError(f"{run_dir} was trained for the MLX plan {plan!r}, which a GGUF cannot hold: export it "
+                         f"with --mlx DIR (and --hf DIR for the unquantized checkpoint), without {out}")
     cfg, t, student = load_run(run_dir, teacher)
-    from ..train.loop import load_imatrix
-
+    im = load_imatrix(cfg, student)
     gguf = export_gguf(student, out, cfg.plan, tuple(cfg.overrides), source_gguf=t.gguf_path,
-                       hf_dir=None if t.gguf_path else t.hf_dir, imatrix=load_imatrix(cfg, student))
-    return gguf, (export_hf(student, t.tokenizer, hf) if hf else None)
+                       hf_dir=None if t.gguf_path else t.hf_dir, imatrix=im) if out is not None else None
+    hf_dir = export_hf(student, t.tokenizer, hf, t.hf_dir) if hf is not None else None
+    mlx_dir = None
+    if mlx is not None:
+        from ..mlx_export import export_mlx
+
+        mlx_dir = export_mlx(student, mlx, cfg.plan, tuple(cfg.overrides), t.tokenizer, t.hf_dir, im)
+    types = Counter(ty.upper() for ty in plan_types(student, cfg.plan, tuple(cfg.overrides), im).values())
+    info = card_info(run_dir, command, base_model, types=dict(types), gguf=gguf, hf=hf_dir, mlx=mlx_dir)
+    cards = [write_card(d, kind, info) for kind, d in (("gguf", gguf and gguf.parent), ("hf", hf_dir),
+                                                        ("mlx", mlx_dir)) if d is not None]
+    return Exports(gguf, hf_dir, mlx_dir, cards)
 
 
 def add_parsers(sub) -> None:
     def run(a) -> None:
-        gguf, hf = export_run(a.run, a.out, a.hf)
-        print(f"wrote {gguf} ({gguf.stat().st_size / 1e6:.1f} MB)")
-        if hf:
-            print(f"wrote {hf} (unquantized QAT checkpoint)")
+        import shlex
 
-    p = command(sub, "export", "Export a training run: the QAT GGUF, and optionally the unquantized checkpoint.",
-                "qatlm export runs/q4 runs/q4/qat-q4_0.gguf --hf runs/q4/qat-hf", run)
+        e = export_run(a.run, a.out, a.hf, mlx=a.mlx, command="qatlm " + shlex.join(a.argv), base_model=a.base_model)
+        if e.gguf:
+            print(f"wrote {e.gguf} ({e.gguf.stat().st_size / 1e6:.1f} MB)")
+        if e.hf:
+            print(f"wrote {e.hf} (unquantized QAT checkpoint)")
+        if e.mlx:
+            print(f"wrote {e.mlx} (mlx-lm model directory)")
+        for c in e.cards:
+            note = " (a README.md qatlm did not write is there: kept)" if c.name != "README.md" else ""
+            print(f"wrote {c} (model card){note}")
+
+    p = command(sub, "export", "Export a training run: the QAT GGUF, the unquantized checkpoint (--hf) and an "
+                "mlx-lm model (--mlx), each with a model card (README.md).",
+                "qatlm export runs/q4 runs/q4/qat-q4_0.gguf --hf runs/q4/qat-hf --mlx runs/q4/qat-mlx", run)
     p.add_argument("run", help="a run directory of `qatlm train`")
-    p.add_argument("out", type=Path, help="the GGUF to write")
-    p.add_argument("--hf", type=Path, help="also write the unquantized QAT checkpoint (HF safetensors) here")
+    p.add_argument("out", type=Path, nargs="?", help="the GGUF to write (optional with --hf / --mlx)")
+    p.add_argument("--hf", type=Path, help="also write the unquantized QAT checkpoint (HF safetensors) here: "
+                   "llama.cpp's convert_hf_to_gguf.py + llama-quantize turn it into the same GGUF")
+    p.add_argument("--mlx", type=Path, help="also write an mlx-lm model directory here (plans q4_0, q4_1, q5_0, "
+                   "q5_1, q8_0 and mlx:<bits>g<group>, e.g. mlx:4g64): MLX runs the values the student trained with")
+    p.add_argument("--base-model", help="the Hugging Face repo id to name as base_model in the model cards "
+                   "(default: from the teacher's metadata)")

@@ -41,7 +41,7 @@ def apply_plan_(model: torch.nn.Module, plan: str, overrides: tuple[str, ...] = 
     qw = imatrix_weights(model, imatrix)
     for name, p in model.named_parameters(remove_duplicate=True):
         t = types[name]
-        if t in formats.names():
+        if formats.is_format(t):
             p.copy_(formats.fake_quant(p.detach().reshape(-1, p.shape[-1]), t, qw.get(name)).reshape(p.shape))
         elif t == "f16":
             p.copy_(p.to(torch.float16).to(p.dtype))
