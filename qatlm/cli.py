@@ -27,7 +27,8 @@ examples:
   qatlm memory gemma-3-27b --plan q4_0 --ctx 32768
 """
 
-PLANS = "q4_0 | q4_1 | q5_0 | q5_1 | q8_0 | q4_k_m | q6_k | f16 | f32 | pure:<type>"
+PLANS = ("q4_0 | q4_1 | q5_0 | q5_1 | q8_0 | q2_k | q3_k_s | q3_k_m | q3_k_l | q4_k_s | q4_k_m | q5_k_s | q5_k_m | "
+         "q6_k | iq4_nl | iq4_xs | f16 | f32 | pure:<type>")
 
 
 def command(sub, name: str, help_: str, example: str, fn) -> argparse.ArgumentParser:

@@ -7,10 +7,13 @@ may store the fp16 scale d / minimum m with opposite signs of zero. qatlm follow
 values are the same either way.
 
 Each case runs through every kernel path (eager, torch.compile'd where the format compiles, and the exact
-branch-free path CUDA uses); together the case families cover well over 32M weights per format (1M blocks
-of 32; see test_weight_count_covers_a_million_blocks). No tolerances: byte equality.
+branch-free path CUDA uses; the search formats, which have no separate fast rules, run eager here and
+test_exact_path_equals_eager checks their exact path); together the case families cover over 32M weights per
+format (1M blocks of 32, 128K super-blocks of 256; see test_weight_count_covers_a_million_blocks). No
+tolerances: byte equality.
 
-The K-quants (Q4_K, Q6_K) are checked against libggml only: gguf-py can dequantize them but not quantize.
+The K-quants (Q2_K..Q6_K) and IQ4_NL / IQ4_XS are checked against libggml only: gguf-py can dequantize them but
+not quantize.
 """
 import numpy as np
 import pytest
@@ -22,7 +25,9 @@ from qatlm.formats import _kernels
 from ggml_ref import ggml_quantize
 
 FORMATS = F.names()
-K_QUANTS = ("q4_k", "q6_k")
+GGUF_PY_QUANTIZES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # the rest: libggml is the only reference
+# formats whose encode has no separate fast rules (fast=True only adds flags): one kernel path is enough here
+SEARCH = tuple(n for n in FORMATS if not F.get(n).compile)
 SIGN_FIELD = {"q4_0": 1, "q5_0": 1, "q4_1": 3, "q5_1": 3}  # byte holding the fp16 sign bit of d or m
 
 
@@ -63,7 +68,7 @@ def assert_same_bytes(w, name):
     w = np.ascontiguousarray(w, dtype=np.float32)
     f = F.get(name)
     c_ref = ggml_quantize(w, name)
-    for compiled in ("eager", "compiled", "exact") if f.compile else ("eager", "exact"):
+    for compiled in ("eager", "compiled", "exact") if f.compile else ("eager",):
         with kernel_mode(compiled):
             ours = F.quantize(torch.from_numpy(w), name)
             assert ours.dtype == np.uint8 and ours.shape == c_ref.shape
@@ -72,7 +77,7 @@ def assert_same_bytes(w, name):
             fq = F.fake_quant(torch.from_numpy(w), name)
             deq = F.dequantize(ours, name, w.shape)
             assert same_bits(fq, deq), f"{name}: fake_quant != dequantize(quantize)"
-    if name not in K_QUANTS:
+    if name in GGUF_PY_QUANTIZES:
         assert_gguf_agrees_up_to_zero_sign(ours, w, f)
 
 
@@ -107,7 +112,8 @@ def run_case(w, name):
 @pytest.mark.parametrize("scale", [1e-6, 0.02, 1.0, 300.0])
 def test_gaussian(name, scale):
     rng = np.random.default_rng(int(scale * 1e6) % 2**32)
-    run_case((rng.standard_normal((4096, 2048)) * scale).astype(np.float32), name)  # 262,144 blocks
+    rows = 2048 if name in SEARCH else 4096  # the searches are ~10x slower per weight; the suite still passes 32M
+    run_case((rng.standard_normal((rows, 2048)) * scale).astype(np.float32), name)  # 131,072 / 262,144 blocks
 
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -134,13 +140,37 @@ def _k_lattice(name, n_blocks, rng):
     return x.astype(np.float32)
 
 
+_MAX_CODE = {"q2_k": 3, "q3_k": 7, "q5_k": 31, "iq4_nl": 15, "iq4_xs": 15}
+_FP16_AT = {"q2_k": (80, 82), "q3_k": (108,), "q5_k": (0, 2), "iq4_nl": (0,), "iq4_xs": (0,)}  # d (and dmin)
+
+
+def _code_lattice(name, n_weights, rng):
+    """Blocks of the format itself (random codes and sub-scales under power-of-two fp16 scales), dequantized,
+    with every other weight moved to the midpoint toward the next code (for IQ4: the next codebook value):
+    the searches meet values on their own grid and exact ties between neighbouring codes."""
+    f = F.get(name)
+    n = n_weights // f.block_size
+    raw = rng.integers(0, 256, size=(n, f.type_size), dtype=np.uint8)
+    for off in _FP16_AT[name]:
+        raw[:, off:off + 2] = (np.float16(2.0) ** rng.integers(-12, 8, size=n)).astype(np.float16).view(
+            np.uint8).reshape(n, 2)
+    codes = f.unpack(torch.from_numpy(raw))
+    up = f.pack(codes._replace(q=(codes.q.int() + 1).clamp(max=_MAX_CODE[name]).to(torch.uint8)))
+    x0 = F.dequantize(raw, name, (n, f.block_size))
+    x1 = F.dequantize(up, name, (n, f.block_size))
+    x = torch.where(torch.from_numpy(rng.random((n, f.block_size)) < 0.5), (x0 + x1) / 2, x0)
+    return x.numpy()
+
+
 def _lattice_blocks(name, n_blocks, rng):
     """Blocks whose values sit exactly on the format's decision boundaries (half steps) and on its levels.
 
     s is a power of two so that d = s exactly and x*id is an exact half-integer: every tie rule shows.
     """
-    if name in K_QUANTS:
+    if name in ("q4_k", "q6_k"):
         return _k_lattice(name, n_blocks // 8, rng)
+    if name in _MAX_CODE:
+        return _code_lattice(name, n_blocks * 32, rng)
     s = np.float32(2.0) ** rng.integers(-20, 10, size=(n_blocks, 1)).astype(np.float32)
     if name in ("q4_0", "q5_0"):
         half = 8 if name == "q4_0" else 16
@@ -233,6 +263,23 @@ def test_weight_count_covers_a_million_blocks():
     assert min(WEIGHTS_SEEN.values()) >= 32 * 1_000_000, WEIGHTS_SEEN
 
 
+@pytest.mark.parametrize("name", SEARCH)
+def test_exact_path_equals_eager(name):
+    """The search formats' exact branch-free kernel (the CUDA path, run on CPU) writes the eager path's bytes, and
+    libggml's: checked once here on gaussian, lattice, zero and tiny blocks rather than on every family above."""
+    rng = np.random.default_rng(13)
+    w = np.concatenate([(rng.standard_normal((64, 1024)) * 0.02).astype(np.float32),
+                        _lattice_blocks(name, 2048, rng).reshape(-1, 1024),
+                        np.zeros((2, 1024), np.float32),
+                        (rng.standard_normal((2, 1024)) * 1e-30).astype(np.float32)])
+    out = {}
+    for mode in ("eager", "exact"):
+        with kernel_mode(mode):
+            out[mode] = F.quantize(torch.from_numpy(w), name), F.fake_quant(torch.from_numpy(w), name)
+    assert np.array_equal(out["eager"][0], out["exact"][0]) and same_bits(out["eager"][1], out["exact"][1])
+    first_diff(out["exact"][0], ggml_quantize(w, name), w, F.get(name), "libggml (exact)")
+
+
 # ---- dequantize, fake quant, gradients ------------------------------------------------------------
 
 @pytest.mark.parametrize("name", FORMATS)
@@ -303,7 +350,9 @@ def test_cuda_matches_cpu(name):
 
 def test_registry_metadata():
     expect = {"q4_0": (32, 18, 4.5), "q4_1": (32, 20, 5.0), "q5_0": (32, 22, 5.5), "q5_1": (32, 24, 6.0),
-              "q8_0": (32, 34, 8.5), "q4_k": (256, 144, 4.5), "q6_k": (256, 210, 6.5625)}
+              "q8_0": (32, 34, 8.5), "q2_k": (256, 84, 2.625), "q3_k": (256, 110, 3.4375), "q4_k": (256, 144, 4.5),
+              "q5_k": (256, 176, 5.5), "q6_k": (256, 210, 6.5625), "iq4_nl": (32, 18, 4.5),
+              "iq4_xs": (256, 136, 4.25)}
     for name, (bs, ts, bpw) in expect.items():
         f = F.get(name)
         assert (f.block_size, f.type_size, f.bits_per_weight) == (bs, ts, bpw)

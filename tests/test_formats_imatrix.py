@@ -17,7 +17,8 @@ import torch
 import qatlm.formats as F
 from ggml_ref import ggml_quantize
 
-WEIGHTED = ("q4_0", "q5_0", "q4_1", "q5_1", "q4_k", "q6_k")  # formats whose ggml quantizer uses the imatrix
+# formats whose ggml quantizer uses the imatrix
+WEIGHTED = ("q4_0", "q5_0", "q4_1", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs")
 ALL = WEIGHTED + ("q8_0",)
 BLOCKS_SEEN = {name: 0 for name in ALL}
 
@@ -104,22 +105,27 @@ def test_zeros_in_the_imatrix(name):
     assert_same_bytes(w[:32], name, np.zeros(cols, np.float32))
 
 
-def test_q4_k_negative_sub_block_scales():
+@pytest.mark.parametrize("name", ["q4_k", "q5_k", "q2_k", "q3_k"])
+def test_negative_sub_block_scales(name):
     """With one or two weighted columns per sub-block, ggml's make_qkx3_quants can return a negative scale;
-    make_qp_quants then stores a wrapped uint8 code (> 63) whose high bits spill into a neighbour's 6-bit
-    field of `scales`. The bytes must still be ggml's, and fake_quant must use the fields as llama.cpp reads them."""
+    make_qp_quants then stores a wrapped uint8 code (> 63) whose high bits spill into a neighbour's 6-bit field
+    of Q4_K's `scales` (Q5_K clamps it to 63; Q2_K's 4-bit codes spill into the min's nibble; Q3_K's
+    make_qx_quants sees the sign). The bytes must still be ggml's, and fake_quant must use the fields as
+    llama.cpp reads them."""
     rng = np.random.default_rng(15)
     cols = 4096
     w = (rng.standard_normal((64, cols)) * 0.02).astype(np.float32)
     qw = np.zeros(cols, np.float32)
-    for b in range(0, cols, 32):
-        qw[b + rng.integers(0, 32, size=rng.integers(1, 3))] = 10.0 ** rng.uniform(-3, 3)
-    f = F.get("q4_k")
-    blocks = torch.from_numpy(w).reshape(-1, 256)
-    qw_blocks = torch.from_numpy(qw).view(1, -1, 256).expand(64, -1, -1).reshape(-1, 256)
-    codes = f.encode_imatrix(blocks, qw_blocks, None)
-    assert (codes.sc > 63).any(), "the case family no longer reaches the wrapped-code corner"
-    assert_same_bytes(w, "q4_k", qw)
+    sub = 16 if name in ("q2_k", "q3_k") else 32
+    for b in range(0, cols, sub):
+        qw[b + rng.integers(0, sub, size=rng.integers(1, 3))] = 10.0 ** rng.uniform(-3, 3)
+    if name == "q4_k":
+        f = F.get("q4_k")
+        blocks = torch.from_numpy(w).reshape(-1, 256)
+        qw_blocks = torch.from_numpy(qw).view(1, -1, 256).expand(64, -1, -1).reshape(-1, 256)
+        codes = f.encode_imatrix(blocks, qw_blocks, None)
+        assert (codes.sc > 63).any(), "the case family no longer reaches the wrapped-code corner"
+    assert_same_bytes(w, name, qw)
 
 
 @pytest.mark.parametrize("name", WEIGHTED)
@@ -221,7 +227,8 @@ def test_without_imatrix_unchanged(name):
 
 
 def test_blocks_compared():
-    """Every format went through at least 190K blocks of 32 (K-quants: 23K super-blocks) above (run last)."""
+    """Every format went through at least 190K blocks of 32 (256-weight formats: 23K super-blocks) above (run
+    last)."""
     if min(BLOCKS_SEEN[n] for n in WEIGHTED) == 0:
         pytest.skip("run together with the case families (pytest -p no:randomly tests/test_formats_imatrix.py)")
     print({n: BLOCKS_SEEN[n] for n in ALL})

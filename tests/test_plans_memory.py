@@ -102,3 +102,74 @@ def test_cli_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "example" in capsys.readouterr().out
+
+
+def test_q3_k_m_on_640_wide_rows_holds_no_q3_k():
+    """Gemma 3 270M under Q3_K_M (as llama-quantize writes it, llamacpp-facts section 10): its 640-wide rows send
+    every Q3_K to Q4_0, and `qatlm plan` says so."""
+    from collections import Counter
+
+    from qatlm.gguf.plans import fallback_note
+
+    t = gemma_tensors("gemma-3-270m")
+    plan = parse_plan("q3_k_m")
+    types = Counter(v for v in plan.types(t).values() if v != "f32")
+    assert types == {"q4_0": 72, "q4_k": 35, "q5_0": 16, "q5_1": 2, "q5_k": 1, "q8_0": 1}
+    fb = plan.fallbacks(t)
+    assert fb["blk.0.attn_q.weight"] == ("q3_k", "q4_0") and fb["blk.0.attn_v.weight"] == ("q5_k", "q5_1")
+    assert "blk.0.ffn_down.weight" not in fb  # 2048-wide: a real Q5_K
+    note = fallback_note(plan, t)
+    assert "72 Q3_K -> Q4_0, 16 Q4_K -> Q5_0, 2 Q5_K -> Q5_1" in note and "No tensor is stored as Q3_K" in note
+    # Q4_0: only the tied output's Q6_K -> Q8_0 (llama-quantize logs it as a fallback too); pure plans have none
+    assert "1 of 127 quantized tensors" in fallback_note(parse_plan("q4_0"), t)
+    assert fallback_note(parse_plan("pure:q4_0"), t) == ""
+
+
+def test_plan_command_reports_fallbacks(capsys):
+    assert main(["plan", "bundled", "--plan", "q3_k_m"]) == 0
+    assert "No tensor is stored as Q3_K" in capsys.readouterr().out
+    assert main(["plan", "bundled", "--plan", "pure:q4_0"]) == 0
+    assert "fall back" not in capsys.readouterr().out
+
+
+def test_iq4_plans_follow_n_gqa_and_the_imatrix():
+    """IQ4_NL / IQ4_XS: attn_v -> Q5_K when 4+ heads share a KV head (270M: 4/1; 4B: 8/4 does not), ffn_down of
+    layers i < n/8 -> Q5_K only without an imatrix; IQ4_XS falls back to IQ4_NL on 640-wide rows."""
+    t = gemma_tensors("gemma-3-270m")
+    rtn, im = parse_plan("iq4_nl").types(t), parse_plan("iq4_nl").types(t, imatrix=True)
+    assert rtn["blk.0.attn_v.weight"] == im["blk.0.attn_v.weight"] == "q5_1"  # Q5_K on 640 rows
+    assert [rtn[f"blk.{i}.ffn_down.weight"] for i in range(3)] == ["q5_k", "q5_k", "iq4_nl"]
+    assert [im[f"blk.{i}.ffn_down.weight"] for i in range(3)] == ["iq4_nl"] * 3
+    assert parse_plan("iq4_xs").types(t)["blk.3.attn_q.weight"] == "iq4_nl"
+    t4 = gemma_tensors("gemma-3-4b")
+    types = parse_plan("iq4_xs").types(t4)
+    assert types["blk.0.attn_v.weight"] == "iq4_xs" and types["blk.3.ffn_down.weight"] == "q5_k"
+    assert types["blk.4.ffn_down.weight"] == "iq4_xs" and types["token_embd.weight"] == "q6_k"
+    assert parse_plan("iq4_xs").types(t4, n_gqa=4)["blk.0.attn_v.weight"] == "q5_k"
+
+
+def test_k_quant_file_types_on_gemma_3_4b():
+    """llama_tensor_get_type_impl's choices where 256 divides every row (Gemma 3 4B: 34 layers, 8 heads on 4 KV
+    heads)."""
+    t = gemma_tensors("gemma-3-4b")
+
+    def layers(plan, key, typ):
+        types = parse_plan(plan).types(t)
+        return [i for i in range(34) if types[f"blk.{i}.{key}.weight"] == typ]
+
+    q3m = parse_plan("q3_k_m").types(t)
+    assert layers("q3_k_m", "attn_v", "q5_k") == [0, 1] and q3m["blk.2.attn_v.weight"] == "q4_k"
+    assert layers("q3_k_m", "ffn_down", "q5_k") == [0, 1] and q3m["blk.9.ffn_down.weight"] == "q4_k"
+    assert q3m["blk.9.attn_output.weight"] == "q4_k" and q3m["blk.9.ffn_up.weight"] == "q3_k"
+    q3l = parse_plan("q3_k_l").types(t)
+    assert {q3l[f"blk.5.{k}.weight"] for k in ("attn_v", "ffn_down", "attn_output")} == {"q5_k"}
+    assert parse_plan("q3_k_s").types(t)["blk.5.ffn_down.weight"] == "q3_k"
+    q2 = parse_plan("q2_k").types(t)
+    assert (q2["blk.0.attn_v.weight"], q2["blk.0.ffn_down.weight"], q2["blk.0.attn_output.weight"],
+            q2["blk.0.attn_q.weight"]) == ("q3_k", "q3_k", "q3_k", "q2_k")
+    assert parse_plan("q2_k").types(t, n_gqa=4)["blk.0.attn_v.weight"] == "q4_k"
+    assert layers("q4_k_s", "attn_v", "q5_k") == [0, 1, 2, 3] == layers("q4_k_s", "ffn_down", "q5_k")
+    assert layers("q5_k_m", "ffn_down", "q6_k") == layers("q4_k_m", "ffn_down", "q6_k")
+    assert set(parse_plan("q5_k_s").types(t).values()) == {"q5_k", "q6_k", "f32"}
+    assert [parse_plan(p).file_type for p in ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q5_k_s", "q5_k_m",
+                                              "iq4_nl", "iq4_xs")] == [10, 11, 12, 13, 14, 16, 17, 25, 30]

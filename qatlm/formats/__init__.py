@@ -19,12 +19,15 @@ import numpy as np
 import torch
 
 from ._base import BlockFormat, Codes
-from . import _kernels, q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q6_k
+from . import _kernels, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs
+from . import mlx_affine  # MLX's affine groups: a QAT target for MLX, not a GGUF type
 
 _REGISTRY: dict[str, BlockFormat] = {m.FORMAT.name: m.FORMAT
-                                     for m in (q4_0, q4_1, q5_0, q5_1, q8_0, q4_k, q6_k)}
+                                     for m in (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k,
+                                               iq4_nl, iq4_xs)}
 
-__all__ = ["BlockFormat", "Codes", "names", "get", "quantize", "dequantize", "fake_quant", "byte_shape"]
+__all__ = ["BlockFormat", "Codes", "names", "is_format", "is_mlx", "get", "quantize", "dequantize", "fake_quant",
+           "byte_shape"]
 
 
 def names() -> list[str]:
@@ -32,8 +35,22 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
+def is_format(name: str) -> bool:
+    """Whether fake quant knows `name`: a GGUF block format of names(), or an MLX one ('mlx:4g64')."""
+    return name in _REGISTRY or is_mlx(name)
+
+
+def is_mlx(name: str) -> bool:
+    """Whether `name` is a valid MLX affine format name, 'mlx:<bits>g<group>' (see mlx_affine)."""
+    p = mlx_affine.parse(name) if isinstance(name, str) else None
+    return p is not None and p[0] in mlx_affine.BITS and p[1] in mlx_affine.GROUPS
+
+
 def get(name: str) -> BlockFormat:
-    """The BlockFormat for `name` (case-insensitive): .block_size, .type_size, .bits_per_weight, .ggml_type."""
+    """The BlockFormat for `name` (case-insensitive): .block_size, .type_size, .bits_per_weight, .ggml_type.
+    Also MLX's affine groups, 'mlx:<bits>g<group>' (mlx_affine; not GGUF types, so not in names())."""
+    if str(name).lower().startswith("mlx:"):
+        return mlx_affine.get(name)
     fmt = _REGISTRY.get(str(name).lower())
     if fmt is None:
         raise ValueError(f"unknown block format {name!r}; known formats: {', '.join(names())}")

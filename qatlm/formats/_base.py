@@ -34,8 +34,9 @@ class Codes(NamedTuple):
     fix: from encode(fast=True) only: [n, 1] bool, blocks where a corner rule may apply (a +a/-a tie,
          a zero max or min, an overflowing 1/d) and whose codes must come from the exact encode instead
     finite: from encode(fast=True) only: [n, 1] bool, block holds no NaN/inf
-    sc, sm: K-quants only: the per-sub-block scale codes [n, sub-blocks] (and Q4_K's minimum codes); for
-         K-quants q holds the codes of all 256 weights and d/m the fp16 super-block scale / minimum scale
+    sc, sm: 256-weight formats only: the per-sub-block scale codes [n, sub-blocks] (and the minimum codes of
+         Q2_K / Q4_K / Q5_K); there q holds the codes of all 256 weights and d/m the fp16 super-block scale /
+         minimum scale (IQ4_NL, IQ4_XS: q holds indices into the non-linear codebook)
     """
 
     q: torch.Tensor
@@ -60,6 +61,9 @@ class BlockFormat(ABC):
     # "row": the block weights also need the mean x^2 of the block's whole row (Q4_0/Q5_0/Q4_1/Q5_1);
     # "block": the block alone (K-quants); "ignored": ggml drops it (Q8_0); None: not implemented here.
     imatrix_use: ClassVar[str | None] = None
+    # whether the imatrix searches compile in reasonable time (Q4_0/Q5_0's 19-grid make_qx_quants: ~1-2 min,
+    # once per machine thanks to Inductor's on-disk cache; see _kernels.run_imatrix)
+    imatrix_compile: ClassVar[bool] = False
 
     @property
     def bits_per_weight(self) -> float:

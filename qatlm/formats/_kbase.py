@@ -73,7 +73,7 @@ def rows(cols: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def affine_grid_search(x, w, sum_w, sum_x, mn, mx, L, best, scale, nmax: int, rmin: float, rdelta: float,
-                       nstep: int):
+                       nstep: int, mad: bool = False):
     """The candidate-grid loop shared by ggml's make_qkx2_quants and make_qkx3_quants (x, w: [n, S]): for
     iscale = (rmin + rdelta * step + nmax) / (max - min), step = 0..nstep, a weighted least-squares fit of
     (scale, min <= 0) to the grid's codes; a fit of smaller weighted squared error replaces L, best, scale and
@@ -91,7 +91,7 @@ def affine_grid_search(x, w, sum_w, sum_x, mn, mx, L, best, scale, nmax: int, rm
         this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
         this_scale = torch.where(pos, sum_xl / sum_l2, this_scale)
         diff = this_scale * lf + this_min - x
-        cur = seq_sum(w * (diff * diff))
+        cur = seq_sum(w * (diff.abs() if mad else diff * diff))
         better = (D > 0) & (cur < best)
         L = torch.where(better, laux, L)
         best = torch.where(better, cur, best)

@@ -67,33 +67,49 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
     Returns (scale [S], L [n, S] int32 in 0..2*nmax-1). A column whose largest |x| is below 1e-15 gets
     scale 0 and L = 0 (C returns early there).
     """
-    mx = _signed_absmax_cols(x)  # [S]
+    # NaN reaches this search only as a sub-block scale whose weighted sums overflowed (Q3_K's scales with an
+    # imatrix): C's max search skips it (`fabsf(NaN) > amax` is false) and nearest_int(NaN) is 0
+    mx = _signed_absmax_cols(torch.where(torch.isnan(x), torch.zeros_like(x), x))  # [S]
     zero = mx.abs() < GROUP_MAX_EPS
     wx = w * x  # C: w*x[i]*l = (w*x)*l
     tmp = torch.empty_like(mx)
 
-    def grid(iscale):
+    def codes(iscale):
         # nearest_int as a float: (v + 1.5*2^23) - 1.5*2^23 rounds half to even exactly like ggml's bit trick
-        # for |v| < 2^22, and here |v| = |x / max| * (nmax + 0.9) at most
-        lf = (iscale * x).add_(_MAGIC).sub_(_MAGIC).clamp_(-nmax, nmax - 1)
+        # for |v| < 2^22, and here |v| = |x / max| * (nmax + 0.9) at most (or NaN, see above)
+        return (iscale * x).add_(_MAGIC).sub_(_MAGIC).clamp_(-nmax, nmax - 1).nan_to_num_(nan=0.0)
+
+    def grid(iscale):
+        lf = codes(iscale)
         sumlx, suml2 = torch.zeros_like(mx), torch.zeros_like(mx)
+        if torch.compiler.is_compiling():  # the same sums, out of place: Inductor fuses them into one loop
+            for i in range(x.shape[0]):
+                li = lf[i]
+                sumlx = sumlx + wx[i] * li
+                suml2 = suml2 + (w[i] * li) * li
+            return sumlx, suml2
         for i in range(x.shape[0]):  # row by row (in C order): the products stay in cache, ~2x faster
             li = lf[i]
             sumlx.add_(torch.mul(wx[i], li, out=tmp))
             suml2.add_(torch.mul(w[i], li, out=tmp).mul_(li))
-        return lf, sumlx, suml2
+        return sumlx, suml2
 
-    L, sumlx, suml2 = grid(div(float(-nmax), mx))
+    # the search keeps, per block, the scale (iscale) of the best grid so far; its codes are recomputed once at
+    # the end (the same float expression of the same iscale: the same codes), so no [n, S] codes per grid
+    best_is = div(float(-nmax), mx)
+    sumlx, suml2 = grid(best_is)
     scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))  # C: `suml2 ? ... : 0` (NaN is true)
     best = scale * sumlx
     for step in range(-9, 10):
         if step == 0:
             continue
-        lf, sumlx, suml2 = grid(div(-f32(nmax + f32(f32(0.1) * step)), mx))
+        iscale = div(-f32(nmax + f32(f32(0.1) * step)), mx)
+        sumlx, suml2 = grid(iscale)
         better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        L = torch.where(better, lf, L)
+        best_is = torch.where(better, iscale, best_is)
         scale = torch.where(better, sumlx / suml2, scale)
         best = torch.where(better, scale * sumlx, best)
+    L = codes(best_is)
     L = (L + nmax).to(torch.int32)
     L = torch.where(zero, torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)

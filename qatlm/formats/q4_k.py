@@ -9,6 +9,8 @@ sub-blocks (see _kbase).
 
 With an importance matrix: quantize_row_q4_K_impl (encode_imatrix; the searches are in _weighted).
 """
+from typing import ClassVar
+
 import torch
 from gguf import GGMLQuantizationType
 
@@ -19,19 +21,22 @@ from ._weighted import block_weights, make_qkx3_quants, make_qp_quants
 NMAX, RMIN, RDELTA, NSTEP = 15, -1.0, 0.1, 20
 
 
-def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor):
-    """x, w: [32, S] -> (scale [S], the_min [S] (>= 0, subtracted), L [32, S] int32), as ggml computes."""
+def make_qkx2_quants(x: torch.Tensor, w: torch.Tensor, nmax: int = NMAX, rmin: float = RMIN, rdelta: float = RDELTA,
+                     nstep: int = NSTEP, mad: bool = False):
+    """ggml make_qkx2_quants(n, nmax, x, w, L, &the_min, Laux, rmin, rdelta, nstep, use_mad=mad) on x, w: [n, S]
+    -> (scale [S], the_min [S] (>= 0, subtracted), L [n, S] int32). Q4_K's defaults; Q5_K and Q2_K pass theirs."""
     mn, mx = x.amin(0), x.amax(0)
     sum_w = seq_sum(w, from_zero=False)
     sum_x = seq_sum(w * x, from_zero=False)
     mn = torch.where(mn > 0, torch.zeros_like(mn), mn)
     flat = mx == mn
-    iscale = div(float(NMAX), mx - mn)
+    iscale = div(float(nmax), mx - mn)
     scale = div(1.0, iscale)
-    L = nearest_int(iscale * (x - mn)).clamp_(0, NMAX)
+    L = nearest_int(iscale * (x - mn)).clamp_(0, nmax)
     diff = scale * L.float() + mn - x
-    best = seq_sum(w * (diff * diff))
-    L, best, scale, mn = affine_grid_search(x, w, sum_w, sum_x, mn, mx, L, best, scale, NMAX, RMIN, RDELTA, NSTEP)
+    best = seq_sum(w * (diff.abs() if mad else diff * diff))
+    L, best, scale, mn = affine_grid_search(x, w, sum_w, sum_x, mn, mx, L, best, scale, nmax, rmin, rdelta, nstep,
+                                            mad)
     L = torch.where(flat, torch.zeros_like(L), L)
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     return scale, -mn, L
@@ -58,24 +63,27 @@ def unpack_scales(s: torch.Tensor):
 
 
 def requantize(x: torch.Tensor, L: torch.Tensor, d: torch.Tensor, dmin: torch.Tensor, ls: torch.Tensor,
-               lm: torch.Tensor) -> torch.Tensor:
-    """The final codes from the coded scales: l = nearest_int((x + dmin*m) / (d*sc)) in 0..15, x, L: [32, 8n];
-    d, dmin: fp16 [n, 1]; ls, lm: [n, 8]. A sub-block whose coded scale is 0 keeps the search's codes L."""
-    dsc = (d.float() * ls.float()).view(-1)  # [8n]
-    dm = (dmin.float() * lm.float()).view(-1)
-    q = nearest_int((x + dm) / dsc).clamp_(0, NMAX)
+               lm: torch.Tensor, nmax: int = NMAX) -> torch.Tensor:
+    """The final codes from the coded scales: l = nearest_int((x + dmin*m) / (d*sc)) in 0..nmax, x, L: [sub, S];
+    d, dmin: fp16 [n, 1]; ls, lm: [n, S / n]. A sub-block whose coded scale is 0 keeps the search's codes L."""
+    dsc = (d.float() * ls.float()).reshape(-1)  # [S]
+    dm = (dmin.float() * lm.float()).reshape(-1)
+    q = nearest_int((x + dm) / dsc).clamp_(0, nmax)
     return torch.where(dsc == 0, L, q)
 
 
 class Q4_K(BlockFormat):
     imatrix_use = "block"
+    nmax: ClassVar[int] = NMAX  # largest code
+    search: ClassVar[tuple] = (RMIN, RDELTA, NSTEP)  # the reference's make_qkx2_quants grid
+    clamp_imatrix_codes: ClassVar[bool] = False  # quantize_row_q5_K_impl clamps its scale codes to 63, q4_K's does not
 
     def encode(self, blocks: torch.Tensor, fast: bool = False) -> Codes:
         n = blocks.shape[0]
         x = columns(blocks, 32)  # [32, 8n]
         sum_x2 = seq_sum(x * x)
         av_x = sqrt_f32(sum_x2 / 32)
-        scales, mins, L = make_qkx2_quants(x, av_x + x.abs())
+        scales, mins, L = make_qkx2_quants(x, av_x + x.abs(), self.nmax, *self.search)
         scales, mins = scales.view(n, 8), mins.view(n, 8)
         zero = torch.zeros((), device=blocks.device)
         max_scale = torch.where(scales > 0, scales, zero).amax(1, keepdim=True)  # C: max from 0, NaN skipped
@@ -84,7 +92,7 @@ class Q4_K(BlockFormat):
         inv_min = torch.where(max_min > 0, div(63.0, max_min), zero)
         ls, lm = six_bit(inv_scale, scales), six_bit(inv_min, mins)  # [n, 8]
         d, dmin = (max_scale / 63).to(torch.float16), (max_min / 63).to(torch.float16)
-        codes = rows(requantize(x, L, d, dmin, ls, lm), n).to(torch.uint8)
+        codes = rows(requantize(x, L, d, dmin, ls, lm, self.nmax), n).to(torch.uint8)
         fix, finite = fast_flags(blocks, fast)
         return Codes(codes, d, dmin, fix=fix, finite=finite, sc=ls.to(torch.uint8), sm=lm.to(torch.uint8))
 
@@ -98,14 +106,16 @@ class Q4_K(BlockFormat):
         x = columns(blocks, 32)  # [32, 8n]
         w = block_weights(x, columns(qw, 32), sig.repeat_interleave(8).view(1, -1))
         sw = seq_sum(w)  # [8n]
-        scales, mn, L = make_qkx3_quants(x, w, NMAX, -0.9, 0.05, 36)  # mn = -the_min
+        scales, mn, L = make_qkx3_quants(x, w, self.nmax, -0.9, 0.05, 36)  # mn = -the_min
         sw8 = sw.view(n, 8).T.contiguous()  # [8, n]
         d_block, Ls = make_qp_quants(scales.view(n, 8).T.contiguous(), 63, sw8)
         m_block, Lm = make_qp_quants((-mn).view(n, 8).T.contiguous(), 63, sw8)
+        if self.clamp_imatrix_codes:
+            Ls, Lm = Ls.clamp(max=63), Lm.clamp(max=63)
         ls, lm = Ls.T.to(torch.uint8).contiguous(), Lm.T.to(torch.uint8).contiguous()  # [n, 8]
         d, dmin = d_block.view(n, 1).to(torch.float16), m_block.view(n, 1).to(torch.float16)
         sc, sm = unpack_scales(pack_scales(ls, lm))  # C requantizes with what get_scale_min_k4 reads back
-        codes = rows(requantize(x, L, d, dmin, sc, sm), n).to(torch.uint8)
+        codes = rows(requantize(x, L, d, dmin, sc, sm, self.nmax), n).to(torch.uint8)
         return Codes(codes, d, dmin, sc=ls, sm=lm)
 
     def decode(self, codes: Codes) -> torch.Tensor:
