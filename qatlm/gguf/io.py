@@ -73,6 +73,8 @@ class GGUFInfo:
     tensors: list[TensorInfo]
     alignment: int
     data_start: int
+    spans: dict[str, tuple[int, int]] = None  # key -> (start, end) bytes of its whole entry in the file
+    values: dict[str, object] = None  # key -> value, for scalar and string keys (arrays: not kept)
 
 
 class _Cursor:
@@ -106,13 +108,12 @@ class _Cursor:
         except UnicodeDecodeError as e:
             raise self.fail(f"{what} is not UTF-8 ({e})") from None
 
-    def skip_value(self, vtype: int, key: str) -> int | None:
-        """Skip one value; returns it for u32 scalars (general.alignment needs it)."""
+    def skip_value(self, vtype: int, key: str):
+        """Skip one value; returns it for scalars and strings (None for arrays)."""
         if vtype in _SCALAR:
             return self.unpack(_SCALAR[vtype], f"value of {key!r}")
         if vtype == GGUFValueType.STRING:
-            self.string(f"value of {key!r}")
-            return None
+            return self.string(f"value of {key!r}")
         if vtype == GGUFValueType.ARRAY:
             etype = self.unpack("I", f"array type of {key!r}")
             count = self.unpack("Q", f"array length of {key!r}")
@@ -165,8 +166,11 @@ def _walk(c: "_Cursor", data: memoryview, size: int, path: Path) -> GGUFInfo:
         raise c.fail(f"{n_kv} keys / {n_tensors} tensors cannot fit in a {size}-byte file")
 
     keys: dict[str, int] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    values: dict[str, object] = {}
     alignment = _DEFAULT_ALIGNMENT
     for _ in range(n_kv):
+        start = c.pos
         key = c.string("key")
         if not key:
             raise c.fail("empty key name")
@@ -175,6 +179,9 @@ def _walk(c: "_Cursor", data: memoryview, size: int, path: Path) -> GGUFInfo:
         vtype = c.unpack("I", f"type of {key!r}")
         keys[key] = vtype
         value = c.skip_value(vtype, key)
+        spans[key] = (start, c.pos)
+        if value is not None:
+            values[key] = value
         if key == "general.alignment":
             if vtype != GGUFValueType.UINT32 or not value or value & (value - 1):
                 raise c.fail(f"general.alignment must be a u32 power of two, got {value!r}")
@@ -222,7 +229,7 @@ def _walk(c: "_Cursor", data: memoryview, size: int, path: Path) -> GGUFInfo:
     if end > size:
         raise GGUFError(f"{path}: not a valid GGUF file: tensor data ends at byte {end} but the file has {size} "
                         "bytes (truncated download or copy?). Re-download or re-export the file.")
-    return GGUFInfo(path, version, keys, tensors, alignment, data_start)
+    return GGUFInfo(path, version, keys, tensors, alignment, data_start, spans, values)
 
 
 def open_gguf(path: str | os.PathLike) -> tuple[GGUFInfo, GGUFReader]:
@@ -236,15 +243,19 @@ def field_value(reader: GGUFReader, key: str, default=None):
     return default if f is None else f.contents()
 
 
-def architecture(reader: GGUFReader, path: str | os.PathLike) -> str:
+def architecture(reader: GGUFReader | GGUFInfo, path: str | os.PathLike) -> str:
     """general.architecture, which must be a non-empty string (GGUFError naming the file otherwise)."""
-    f = reader.fields.get("general.architecture")
-    if f is None:
+    key = "general.architecture"
+    if isinstance(reader, GGUFInfo):
+        vtype, value = reader.keys.get(key), reader.values.get(key)
+    else:
+        f = reader.fields.get(key)
+        vtype, value = (None, None) if f is None else (f.types[0], f.contents())
+    if vtype is None:
         raise GGUFError(f"{path}: no general.architecture key; is this a model GGUF? (convert the model with "
                         "llama.cpp's convert_hf_to_gguf.py)")
-    value = f.contents()
-    if GGUFValueType(f.types[0]) != GGUFValueType.STRING or not value:
-        raise GGUFError(f"{path}: general.architecture is {value!r} ({GGUFValueType(f.types[0]).name}), not an "
+    if GGUFValueType(vtype) != GGUFValueType.STRING or not value:
+        raise GGUFError(f"{path}: general.architecture is {value!r} ({GGUFValueType(vtype).name}), not an "
                         "architecture name string; the metadata is damaged: re-download or re-convert the file")
     return value
 
@@ -409,4 +420,77 @@ def write_gguf(path: str | os.PathLike, arch: str, fill_metadata, tensors: Itera
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+    return Path(path)
+
+
+# ---- the PTQ fast path: raw metadata copy and streamed tensors ---------------------------------------------
+# gguf-py's GGUFReader builds numpy views per metadata item: for a 262k-token vocabulary that is ~800k views and
+# ~10 s (most of a whole-model `qatlm quantize`), and GGUFWriter re-serializes every item. PTQ needs neither: it
+# copies the source's metadata entries byte for byte (validate() has checked and located them) and appends the
+# keys llama-quantize sets, in llama-quantize's order, so the file is byte-identical to llama-quantize's
+# (tests/test_ptq.py), and the tensor data is streamed from the memory-mapped source.
+
+# keys llama-quantize drops from the source (it re-sets the first two at the end, in this order)
+SET_BY_QUANTIZE = ("general.quantization_version", "general.file_type", "split.no", "split.count",
+                   "split.tensors.count")
+
+
+def tensor_bytes(info: GGUFInfo, data: np.memmap, t: TensorInfo) -> np.ndarray:
+    """Tensor t's raw bytes, a read-only view of the mapped file: uint8 [*torch shape[:-1], bytes per row]."""
+    block, type_size = GGML_QUANT_SIZES[t.ggml_type]
+    start = info.data_start + t.offset
+    return data[start:start + t.nbytes].reshape(*t.shape[:-1], t.ne[0] // block * type_size)
+
+
+def kv_bytes(key: str, vtype: GGUFValueType, value) -> bytes:
+    """One metadata entry, serialized as gguf.cpp writes it (scalars and strings)."""
+    k = key.encode()
+    out = struct.pack("<Q", len(k)) + k + struct.pack("<I", int(vtype))
+    if vtype == GGUFValueType.STRING:
+        v = str(value).encode()
+        return out + struct.pack("<Q", len(v)) + v
+    return out + struct.pack("<" + _SCALAR[int(vtype)], value)
+
+
+def write_gguf_raw(path: str | os.PathLike, source: GGUFInfo, data: np.memmap, extra_kv: list[bytes],
+                   tensors: list[tuple[str, tuple[int, ...], GGMLQuantizationType]], blobs: Iterable[np.ndarray],
+                   drop: Iterable[str] = SET_BY_QUANTIZE) -> Path:
+    """Write a GGUF (version 3) atomically: the source's metadata entries byte for byte except `drop`, then
+    `extra_kv`; the tensor infos of `tensors` (name, ne, type), then their data taken in order from `blobs`
+    (each exactly its tensor's bytes), each padded to the source's alignment as gguf.cpp pads."""
+    drop = set(drop)
+    kept = [span for key, span in source.spans.items() if key not in drop]
+    align = source.alignment
+    infos, offset = [], 0
+    sizes = []
+    for name, ne, gtype in tensors:
+        block, type_size = GGML_QUANT_SIZES[gtype]
+        n = 1
+        for d in ne:
+            n *= d
+        nbytes = n // block * type_size
+        k = name.encode()
+        infos.append(struct.pack("<Q", len(k)) + k + struct.pack("<I", len(ne)) +
+                     struct.pack(f"<{len(ne)}q", *ne) + struct.pack("<IQ", int(gtype), offset))
+        sizes.append(nbytes)
+        offset += (nbytes + align - 1) // align * align
+    with atomic_file(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kept) + len(extra_kv)))
+        for a, b in kept:
+            fh.write(data[a:b])
+        for e in extra_kv:
+            fh.write(e)
+        for e in infos:
+            fh.write(e)
+        fh.write(b"\0" * (-fh.tell() % align))
+        count = 0
+        for (name, _, _), nbytes, blob in zip(tensors, sizes, blobs):
+            raw = np.ascontiguousarray(blob).view(np.uint8).reshape(-1)
+            if raw.size != nbytes:
+                raise AssertionError(f"{name}: {raw.size} bytes for a {nbytes}-byte tensor")
+            fh.write(raw.data)
+            fh.write(b"\0" * (-nbytes % align))
+            count += 1
+        if count != len(tensors):
+            raise AssertionError(f"{count} of {len(tensors)} tensors written")
     return Path(path)

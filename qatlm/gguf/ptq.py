@@ -5,26 +5,31 @@
     qatlm quantize teacher.gguf out.gguf --plan q4_0 --imatrix imatrix.gguf   # = llama-quantize --imatrix
 
 Every quantizable tensor is dequantized to fp32 (exactly as llama.cpp would) and re-quantized through
-qatlm.formats; other tensors are copied byte for byte; metadata is copied with general.file_type set to
-the plan's llama_ftype. The result is tensor-for-tensor byte-identical to llama-quantize run on an F32
-GGUF of the same weights (tests/test_ptq.py).
+qatlm.formats; other tensors are copied byte for byte; the metadata entries are copied byte for byte, then
+general.quantization_version, general.file_type (the plan's llama_ftype) and, with an imatrix, the
+quantize.imatrix.* keys are appended as llama-quantize appends them, and tensors are written in
+llama-quantize's order. The whole file is byte-identical to llama-quantize's on the same source
+(tests/test_ptq.py). Reading and writing bypass gguf-py's GGUFReader/GGUFWriter (see gguf.io: they spent
+~10 s per call on the 262k-token vocabulary's metadata), and tensors stream from the memory-mapped source.
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, quants
+from gguf import GGMLQuantizationType, GGUFValueType, quants
 
 from .. import formats
 from ..cli import command, plan_args
 from ..sources import gguf_path
-from .io import OutTensor, TensorInfo, field_value, open_gguf, validate, write_gguf, write_metadata
-from .plans import is_quantizable, parse_plan, type_bytes
+from .io import (OutTensor, TensorInfo, architecture, check_dequantizable, check_finite, kv_bytes, tensor_bytes,
+                 validate, write_gguf_raw)
+from .plans import fallback_note, is_quantizable, parse_plan, type_bytes
 
 
 def type_name(t: GGMLQuantizationType) -> str:
@@ -32,28 +37,44 @@ def type_name(t: GGMLQuantizationType) -> str:
 
 
 def dequantize_tensor(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
-    """Any GGUF tensor -> float32 numpy array in torch order. Exact block formats go through qatlm.formats;
-    F16/BF16/K-quants and the rest through gguf-py's numpy dequantizers."""
+    """Any GGUF tensor (its raw bytes, uint8 [.., bytes per row], or gguf-py's typed view) -> float32 numpy array
+    in torch order. Exact block formats go through qatlm.formats; F16/BF16/K-quants and the rest through gguf-py's
+    numpy dequantizers."""
     name = type_name(info.ggml_type)
     if info.ggml_type == GGMLQuantizationType.F32:
-        return np.array(raw, dtype=np.float32).reshape(info.shape)  # a writable copy of the memory map
+        return np.array(np.asarray(raw).view(np.float32), dtype=np.float32).reshape(info.shape)  # a writable copy
     if name in formats.names():
-        return formats.dequantize(np.asarray(raw).reshape(-1), name, info.shape).numpy()
-    return quants.dequantize(np.asarray(raw), info.ggml_type).astype(np.float32, copy=False).reshape(info.shape)
+        return formats.dequantize(np.asarray(raw).view(np.uint8).reshape(-1), name, info.shape).numpy()
+    return quants.dequantize(np.asarray(raw).view(np.uint8).reshape(*info.shape[:-1], -1),
+                             info.ggml_type).astype(np.float32, copy=False).reshape(info.shape)
 
 
-def encode_tensor(name: str, w: np.ndarray | torch.Tensor, type_name_: str, imatrix=None) -> OutTensor:
+def gguf_type(name: str, type_name_: str) -> GGMLQuantizationType:
+    """The GGUF type of a plan's type name (an MLX format is refused: a GGUF cannot hold it)."""
+    if formats.is_mlx(type_name_):
+        raise ValueError(f"{name}: {type_name_} is an MLX format, which a GGUF file cannot hold; write it as an "
+                         "MLX model directory (`qatlm export RUN --mlx DIR`), or pick a GGUF plan")
+    return GGMLQuantizationType[type_name_.upper()]
+
+
+def encode_tensor(name: str, w: np.ndarray | torch.Tensor, type_name_: str, imatrix=None,
+                  path: str | os.PathLike | None = None) -> OutTensor:
     """float weights in torch order -> an OutTensor of the requested type (block bytes via qatlm.formats;
-    `imatrix`: per-column importance [cols], as llama-quantize --imatrix passes it)."""
-    t = GGMLQuantizationType[type_name_.upper()]
-    if type_name_ == "f32":
-        data = np.ascontiguousarray(torch.as_tensor(w).to(torch.float32).numpy())
-    elif type_name_ == "f16":
-        data = torch.as_tensor(w).to(torch.float32).to(torch.float16).numpy()
-    else:
-        w2 = torch.as_tensor(w)
-        shape = tuple(w2.shape)
+    `imatrix`: per-column importance [cols], as llama-quantize --imatrix passes it). NaN/inf weights are an
+    error naming the tensor (and `path`, the file they came from)."""
+    t = gguf_type(name, type_name_)
+    if type_name_ in ("f32", "f16"):
+        check_finite(path or "the model", name, w)
+        w32 = torch.as_tensor(w).to(torch.float32)
+        data = np.ascontiguousarray(w32.numpy()) if type_name_ == "f32" else w32.to(torch.float16).numpy()
+        return OutTensor(name, data, t)
+    w2 = torch.as_tensor(w)
+    shape = tuple(w2.shape)
+    try:
         data = formats.quantize(w2.reshape(-1, shape[-1]), type_name_, imatrix).reshape(*shape[:-1], -1)
+    except ValueError:
+        check_finite(path or "the model", name, w)  # the quantizer found NaN/inf: say which tensor of which file
+        raise
     return OutTensor(name, data, t)
 
 
@@ -68,41 +89,78 @@ def imatrix_for(path: str | os.PathLike, tensors: dict[str, tuple[int, ...]]):
     return im
 
 
+_BLK = re.compile(r"blk\.\s*([+-]?\d+)")
+
+
+def llama_order(name: str) -> tuple[int, bytes]:
+    """llama-quantize's tensor order (llama_model_loader's weight_name_comparer): the layer number of `blk.N.`
+    names (-1 for the others: first), then the name's bytes."""
+    m = _BLK.match(name)
+    return (int(m.group(1)) if m else -1, name.encode())
+
+
 def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, plan: str = "q4_0",
                   overrides: tuple[str, ...] = (), progress: bool = True,
                   imatrix: str | os.PathLike | None = None) -> Path:
     """Quantize GGUF `src` (or "bundled") to `dst` following `plan`, with an importance matrix file if given
     (= llama-quantize --imatrix). Returns dst. See module docstring."""
     src = gguf_path(src)
-    info, reader = open_gguf(src)
+    info = validate(src)
     p = parse_plan(plan, overrides)
     types = p.types([(t.name, t.ne, type_name(t.ggml_type)) for t in info.tensors], imatrix=imatrix is not None)
     im = imatrix_for(imatrix, {t.name: t.shape for t in info.tensors if is_quantizable(t.name, t.ne)}) \
         if imatrix is not None else None
-    arch = field_value(reader, "general.architecture")
-    if not arch:
-        raise ValueError(f"{src}: no general.architecture key; is this a model GGUF?")
+    architecture(info, src)
+    requant = [t for t in info.tensors if not (types[t.name] == type_name(t.ggml_type) and
+                                               not is_quantizable(t.name, t.ne))]
+    check_dequantizable(src, requant)  # before anything is written
+    for t in requant:
+        gguf_type(t.name, types[t.name])
+    data = np.memmap(src, dtype=np.uint8, mode="r")
 
-    def tensors() -> Iterator[OutTensor]:
-        it = zip(info.tensors, reader.tensors)
+    order = sorted(info.tensors, key=lambda t: llama_order(t.name))  # the order llama-quantize writes
+
+    def blobs() -> Iterator[np.ndarray]:
+        it = order
         if progress:
             from tqdm import tqdm
-            it = tqdm(list(it), desc=f"quantize {Path(src).name} -> {plan}", unit="tensor")
-        for ti, rt in it:
-            want = types[ti.name]
+            it = tqdm(it, desc=f"quantize {Path(src).name} -> {plan}", unit="tensor")
+        for ti in it:
+            want, raw = types[ti.name], tensor_bytes(info, data, ti)
             if want == type_name(ti.ggml_type) and not is_quantizable(ti.name, ti.ne):
-                yield OutTensor(ti.name, np.asarray(rt.data), ti.ggml_type)  # copied as-is
+                if ti.ggml_type in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+                    check_finite(src, ti.name, raw.view(np.float32 if ti.ggml_type == GGMLQuantizationType.F32
+                                                        else np.float16))
+                yield raw  # copied as-is
             else:
                 qw = im.weights(ti.name) if im is not None and ti.name in im else None
-                yield encode_tensor(ti.name, dequantize_tensor(ti, rt.data), want, qw)
+                w = dequantize_tensor(ti, raw)
+                yield encode_tensor(ti.name, w, want, qw, path=src).data  # NaN/inf: refused naming the tensor
 
-    return write_gguf(dst, arch, lambda w: write_metadata(w, p.file_type, source=reader), tensors())
+    out_types = [(t.name, t.ne, gguf_type(t.name, types[t.name])) for t in order]
+    kv = [kv_bytes("general.quantization_version", GGUFValueType.UINT32, 2)]  # llama-quantize's order
+    if p.file_type is not None:
+        kv.append(kv_bytes("general.file_type", GGUFValueType.UINT32, p.file_type))
+    if im is not None:  # what llama-quantize --imatrix records (its kv_overrides, in its order)
+        kv.append(kv_bytes("quantize.imatrix.file", GGUFValueType.STRING, str(imatrix)[:127]))
+        if im.datasets:
+            kv.append(kv_bytes("quantize.imatrix.dataset", GGUFValueType.STRING, im.datasets[0][:127]))
+        kv.append(kv_bytes("quantize.imatrix.entries_count", GGUFValueType.UINT32, len(im.entries)))
+        if im.chunk_count > 0:
+            kv.append(kv_bytes("quantize.imatrix.chunks_count", GGUFValueType.UINT32, im.chunk_count))
+    try:
+        return write_gguf_raw(dst, info, data, kv, out_types, blobs())
+    finally:
+        del data
 
 
-def show_plan(model: str, plan: str, overrides: tuple[str, ...] = ()) -> str:
-    """The table `qatlm plan` prints: every tensor of a GGUF with its source and planned type and size."""
+def show_plan(model: str, plan: str, overrides: tuple[str, ...] = (), imatrix: bool = False) -> str:
+    """The table `qatlm plan` prints: every tensor of a GGUF with its source and planned type and size, then
+    what llama-quantize's row-length fallbacks changed (plans.fallback_note). imatrix: plan as with one."""
     info = validate(gguf_path(model))
-    types = parse_plan(plan, overrides).types([(t.name, t.ne, type_name(t.ggml_type)) for t in info.tensors])
+    p = parse_plan(plan, overrides)
+    tensors = [(t.name, t.ne, type_name(t.ggml_type)) for t in info.tensors]
+    types = p.types(tensors, imatrix=imatrix)
     rows = [f"{'tensor':<34} {'shape (ne)':<16} {'source':>7} {'planned':>8} {'MB':>9}"]
     total = 0.0
     for t in info.tensors:
@@ -111,15 +169,18 @@ def show_plan(model: str, plan: str, overrides: tuple[str, ...] = ()) -> str:
         rows.append(f"{t.name:<34} {'x'.join(map(str, t.ne)):<16} {t.ggml_type.name:>7} "
                     f"{types[t.name].upper():>8} {b / 1e6:>9.3f}")
     rows.append(f"{len(info.tensors)} tensors, {total / 1e6:.1f} MB of tensor data under plan {plan}")
-    return "\n".join(rows)
+    note = fallback_note(p, tensors, imatrix)
+    return "\n".join(rows + ([note] if note else []))
 
 
 def add_parsers(sub) -> None:
     p = command(sub, "plan", "Show which GGUF type each tensor of a GGUF model gets under a plan.",
                 "qatlm plan model.gguf --plan q4_0 --override 'ffn_down=q8_0'",
-                lambda a: print(show_plan(a.model, a.plan, tuple(a.override))))
+                lambda a: print(show_plan(a.model, a.plan, tuple(a.override), a.imatrix)))
     p.add_argument("model", help="a GGUF file or 'bundled'")
     plan_args(p)
+    p.add_argument("--imatrix", action="store_true", help="plan as llama-quantize --imatrix would (iq4_nl, iq4_xs, "
+                   "q4_0 and q5_0 then choose some ffn_down types differently)")
 
     def run(a) -> None:
         out = quantize_gguf(a.model, a.out, a.plan, tuple(a.override), imatrix=a.imatrix)
