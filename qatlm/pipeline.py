@@ -14,17 +14,20 @@ picks up where it stopped; flags that would change a finished or started run are
      an imatrix (`qatlm imatrix` on the training text, llama-imatrix's statistics) and the imatrix PTQ file
      (= llama-quantize --imatrix);
   4. QAT: `qatlm train` within the time budget, then export: the QAT GGUF, its unquantized HF checkpoint, and
-     an Ollama Modelfile beside it;
+     an Ollama Modelfile beside it, each with a model card (README.md; qatlm.card);
   5. report: teacher / RTN PTQ / imatrix PTQ / QAT measured by llama.cpp on the written files, in- and
      out-of-domain, with the share of the RTN drop each removed and whether QAT beats imatrix PTQ on
-     perplexity and mean KLD; Markdown + JSON + plots (training curves included).
+     perplexity and mean KLD; Markdown + JSON + plots (training curves included); the model cards are
+     rewritten with the measured table.
 """
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from .atomic import atomic_write_text, save_figure
+from .card import card_info, write_card
 from .cli import command
 from .corpora import default_split, ood_texts
 from .eval.compare import compare
@@ -84,10 +87,13 @@ def job_config(out: Path, recipe: str | Path | None, flags: dict) -> tuple[C.Tra
 def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe: str | Path | None = None,
             eval_text: str | None = None, ood: list[str] | None = None, eval_ctx: int = 512,
             eval_chunks: int | None = 6,
-            stop_after: int | None = None, imatrix_chunks: int = 128, imatrix_ctx: int = 512) -> dict:
+            stop_after: int | None = None, imatrix_chunks: int = 128, imatrix_ctx: int = 512,
+            command: str | None = None) -> dict:
     """Run (or resume) the whole job; returns the summary (also written to OUT/summary.json).
-    `flags`: TrainConfig settings given explicitly (e.g. {"steps": 200, "lora_rank": 16})."""
+    `flags`: TrainConfig settings given explicitly (e.g. {"steps": 200, "lora_rank": 16}). `command`: the command
+    line shown in the model cards (default: the `qatlm run` command equivalent to these arguments)."""
     out = Path(out)
+    command = command or run_command(out, flags or {}, recipe, eval_text, ood)
     out.mkdir(parents=True, exist_ok=True)
     cfg, started, notes = job_config(out, recipe, flags or {})
     plan = cfg.plan
@@ -138,7 +144,7 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
         train(cfg, resume=resume, stop_after=stop_after, teacher=t)
         if steps_done(run_dir) < C.resolve(saved=run_dir).steps:
             return {"interrupted": True}
-        export_run(run_dir, qat, qat_hf, teacher=t)
+        export_run(run_dir, qat, qat_hf, teacher=t, command=command)
         atomic_write_text(out / "Modelfile", f"# Ollama: ollama create qatlm-{plan} -f Modelfile\nFROM ./{qat.name}\n")
     plot_training(run_dir / "metrics.jsonl", out / "training.png")
     print("[5/5] report (llama.cpp on the written files)")
@@ -164,6 +170,10 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
         md += [f"## {label.replace('_', '-')}", "", r["markdown"], f"![report](report_{label}/report.png)", ""]
     atomic_write_text(out / "report.md", "\n".join(md))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    info = card_info(run_dir, command, summary=summary, gguf=qat, hf=qat_hf)  # the cards, now with the numbers
+    write_card(out, "gguf", info)
+    if qat_hf.is_dir():
+        write_card(qat_hf, "hf", info)
     print(f"\nOutputs in {out}: {qat.name} ({summary['qat_size_mb']:.1f} MB), {qat_hf.name}/, Modelfile, "
           f"{ptq.name}, report.md, summary.json, training.png")
     for label, r in summary["results"].items():
@@ -176,6 +186,23 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
     return summary
 
 
+def run_command(out: Path, flags: dict, recipe, eval_text, ood) -> str:
+    """The `qatlm run` command line equivalent to run_job's arguments (for the model cards)."""
+    from .train.loop import TRAIN_FLAGS
+
+    flag_of = {key: flag for flag, (key, _, _) in TRAIN_FLAGS.items()}
+    args = ["qatlm", "run", "--out", str(out)] + (["--config", str(recipe)] if recipe else [])
+    for key, value in flags.items():
+        if key == "overrides":
+            args += [a for o in value for a in ("--override", str(o))]
+        elif key in flag_of:
+            args += [flag_of[key], *(map(str, value) if isinstance(value, list) else [str(value)])]
+        else:
+            args += ["--set", f"{key}={value}"]
+    args += (["--eval-text", str(eval_text)] if eval_text else []) + (["--ood", *map(str, ood)] if ood else [])
+    return shlex.join(args)
+
+
 def sampled_text(t, cfg: C.TrainConfig, run_dir: Path, path: Path) -> Path:
     """--data-free: the teacher's samples (sampled once, saved in the run directory, where training finds
     them) as a text file to calibrate the imatrix on."""
@@ -183,7 +210,12 @@ def sampled_text(t, cfg: C.TrainConfig, run_dir: Path, path: Path) -> Path:
 
     if not path.exists():
         run_dir.mkdir(parents=True, exist_ok=True)
-        stream = synthetic_stream(run_dir, t.model, t.tokenizer, cfg.data_free, cfg.seq_len, cfg.seed)
+        import torch
+
+        from .train.loop import dtypes
+
+        stream = synthetic_stream(run_dir, t.model, t.tokenizer, cfg.data_free, cfg.seq_len, cfg.seed,
+                                  dtype=dtypes(cfg, torch.device("cpu"))[1])
         atomic_write_text(path, t.tokenizer.decode(stream.tolist(), skip_special_tokens=True))
     return path
 
@@ -202,7 +234,7 @@ def imatrix_baseline(t, teacher_gguf: Path, text: list[str], imatrix: Path, imat
 def add_parsers(sub) -> None:
     def main(a) -> None:
         run_job(a.out, flags_of(a), a.config, a.eval_text, a.ood, eval_chunks=a.eval_chunks,
-                imatrix_chunks=a.imatrix_chunks)
+                imatrix_chunks=a.imatrix_chunks, command="qatlm " + shlex.join(a.argv))
 
     p = command(sub, "run", "The whole job: teacher, PTQ, QAT, export (GGUF, HF, Modelfile) and the report. "
                 "Run it again to resume.", "qatlm run --budget-minutes 9 --out runs/default", main)

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from qatlm.cli import main
 from qatlm.arch import gguf_tensors
@@ -105,7 +106,10 @@ def test_data_free_distillation(tiny, tmp_path):
     t = load_teacher(str(tiny["gemma3"]))
     bos = t.tokenizer.bos_token_id
     assert (stream.reshape(12, 32)[:, 0] == bos).all()  # every sampled sequence starts at BOS
-    again = sample_stream(t.model, t.tokenizer, 12, 32, seed=0, progress=False)
+    from qatlm.train.loop import dtypes
+
+    again = sample_stream(t.model, t.tokenizer, 12, 32, seed=0, progress=False,
+                          dtype=dtypes(cfg, torch.device("cpu"))[1])  # the training precision's (bf16 here if native)
     assert np.array_equal(again, stream)  # seeded: the same text again
     assert len(set(stream.tolist())) > 20  # sampled, not a collapsed repetition
     with pytest.raises(ValueError, match="--data-free N"):

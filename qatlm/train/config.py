@@ -12,6 +12,7 @@ types, so a typo or a bad value ends in one line naming the key, never in a trac
 """
 from __future__ import annotations
 
+import os
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -53,7 +54,10 @@ class TrainConfig:
     budget_minutes: float | None = None  # if set: after step 2, the schedule is sized to fit (step 2's time)
     lora_rank: int = 0  # > 0: train LoRA adapters inside the fake quantizer instead of every weight
     lora_alpha: float | None = None  # LoRA scale alpha / rank (default alpha = rank)
-    device: str = "auto"  # auto (CUDA when available) | cpu | cuda; bf16 autocast on CUDA
+    device: str = "auto"  # auto (CUDA when available) | cpu | cuda
+    precision: str = "auto"  # the matmuls' dtype: auto (bf16 on CUDA and on CPUs with native bf16, else fp32)
+    #                          | bf16 | fp32; latent weights, fake quant, softmax and optimizer stay fp32
+    teacher_precision: str = "auto"  # the teacher's forward (and --data-free sampling): auto (= precision) | bf16 | fp32
     shard_teacher: bool = False  # under torchrun: FSDP2-shard the teacher's layers too (default: replicate it)
 
     def validate(self) -> "TrainConfig":
@@ -67,6 +71,9 @@ class TrainConfig:
             raise ValueError("lora_rank, data_free and warmup must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        for key in ("precision", "teacher_precision"):
+            if getattr(self, key) not in ("auto", "bf16", "fp32"):
+                raise ValueError(f"{key} must be auto, bf16 or fp32, got {getattr(self, key)!r}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
         return self
@@ -132,10 +139,15 @@ def _check(key: str, value, where: str):
 
 
 def _load_yaml(path: Path) -> dict:
+    from ..sources import read_user_text
+
+    text = read_user_text(path, "a YAML config", max_bytes=1 << 20)  # a regular file: a FIFO would block
     try:
-        loaded = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not a readable YAML file ({e})") from None
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not a readable YAML file ({' '.join(str(e).split())}); fix it") from None
+    except RecursionError:
+        raise ValueError(f"{path}: YAML nested too deeply to be a config; fix it") from None
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
@@ -163,7 +175,7 @@ def parse_set(items: list[str]) -> dict:
 def saved_config(run: str | Path) -> dict:
     """The config.yaml of a run directory (ValueError if there is none)."""
     f = Path(run) / "config.yaml"
-    if not f.is_file():
+    if not os.path.lexists(f):
         raise ValueError(f"{run}: no config.yaml; --resume takes the run directory of an earlier `qatlm train`")
     return _load_yaml(f)
 

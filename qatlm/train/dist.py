@@ -64,6 +64,29 @@ def setup(device: str = "auto") -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), dev)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here: CUDA with bf16, or a CPU with AVX512-BF16 / AMX (where oneDNN
+    multiplies bf16 3-4x faster than fp32; without them bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The training matmuls' dtype for TrainConfig.precision (auto | bf16 | fp32) on `device`."""
+    if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
+        return torch.float32
+    if precision == "bf16" and device.type == "cpu" and not native_bf16(device):
+        raise ValueError("precision bf16 asked for, but this CPU has no native bf16 (AVX512-BF16 or AMX): it would "
+                         "run slower than fp32; use --set precision=fp32 (or auto)")
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """torch.autocast to `dtype` on `device` (a no-op context for fp32)."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()

@@ -32,6 +32,64 @@ def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
     return torch.tanh(z / cap) * cap if cap else z
 
 
+def frozen_cast(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w in `dtype`, cached on w while w is unchanged (a frozen weight: the teacher's head, a frozen tied head's
+    fake quant), so the 262k x 640 vocabulary matrix is not converted again at every step."""
+    if w.dtype == dtype:
+        return w
+    key = (w._version, w.data_ptr(), dtype)
+    hit = getattr(w, "_qatlm_cast", None)
+    if hit is None or hit[0] != key:
+        hit = (key, w.detach().to(dtype))
+        w._qatlm_cast = hit
+    return hit[1]
+
+
+def _kd_chunk(z_s: torch.Tensor, z_t: torch.Tensor, valid: torch.Tensor, T: float, ce_scale: float):
+    """One chunk's logits [c, V] (any float dtype) and valid [c] (1.0 where the position has a target) ->
+    (T^2 * sum of KL(p_t || p_s) over rows, fp32 [c] log-sum-exp of z_s at T = 1, dL/dz_s in z_s's dtype
+    without CE's one-hot part). Softmax and KL in fp32."""
+    zs, zt = z_s.float(), z_t.float()
+    lp_s = torch.log_softmax(zs / T, dim=-1)
+    lp_t = torch.log_softmax(zt / T, dim=-1)
+    p_t = lp_t.exp()
+    kl = ((lp_t - lp_s) * p_t).sum() * (T * T)
+    lse1 = torch.logsumexp(zs, dim=-1)
+    dz = (lp_s.exp() - p_t) * T  # T (p_s - p_t)
+    if ce_scale:
+        dz = dz + (ce_scale * valid)[:, None] * torch.exp(zs - lse1[:, None])  # + ce_scale softmax(z_s) (T = 1)
+    return kl, lse1, dz.to(z_s.dtype)
+
+
+_compiled_chunk = None
+
+
+def _chunk_fn(z: torch.Tensor):
+    """_kd_chunk, torch.compile'd on CPU for chunks large enough to pay back the compile (one fused pass per
+    row instead of ~12 passes over [c, V] fp32 temporaries: most of the head's non-matmul time). Falls back
+    to eager, saying so once, where compilation is off (QATLM_COMPILE=0) or unavailable."""
+    global _compiled_chunk
+    from ..formats import _kernels
+
+    if z.device.type != "cpu" or z.numel() < _kernels.COMPILE_MIN_ELEMENTS or not _kernels.compile_enabled():
+        return _kd_chunk
+    if _compiled_chunk is None:
+        compiled = torch.compile(_kd_chunk, dynamic=True)
+
+        def run(*args):
+            global _compiled_chunk
+            try:
+                return compiled(*args)
+            except Exception as e:  # no compiler: say so once, and stay on the (identical math) eager path
+                import warnings
+                warnings.warn(f"qatlm: torch.compile unavailable for the KD head ({type(e).__name__}: "
+                              f"{str(e)[:200]}); using eager PyTorch (same math, slower)")
+                _compiled_chunk = _kd_chunk
+                return _kd_chunk(*args)
+        _compiled_chunk = run
+    return _compiled_chunk
+
+
 class _FusedHeadKD(torch.autograd.Function):
     """Sum over positions of T^2 KL(p_t || p_s) + ce_weight * CE, for z = h @ W^T computed chunk by chunk.
 
@@ -39,43 +97,40 @@ class _FusedHeadKD(torch.autograd.Function):
     dL/dz_s = T (softmax(z_s/T) - p_t) + ce_weight (softmax(z_s) - onehot). It is reduced at once into
     dL/dh (= dz @ W) and dL/dW (+= dz^T @ h); only those are kept for backward. Per chunk: 3 matmuls (4 when W
     is trained) and no [positions, vocab] tensor outlives its chunk. Without softcapping only (Gemma 3 has none).
+
+    The matmuls run in `dtype` (bf16 where the hardware has it: the head is most of a small model's FLOPs;
+    bf16 logits move KL(p_fp32 || p_bf16) by ~4e-4 per token on Gemma 3 270M, ~0.1% of a Q4_0 student's KL);
+    logits are upcast, and softmax, KL, CE and the gradients' accumulation are fp32.
     """
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, targets, temperature, ce_scale, chunk):
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, temperature, ce_scale, chunk, dtype):
         """ce_scale: the CE weight in units of the KL sum (ce_weight * n_positions / n_targets)."""
         n = h_s.shape[0]
-        grad_h = torch.empty_like(h_s, dtype=torch.float32)
+        grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=h_s.device)
         grad_w = torch.zeros_like(w_s, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         kl_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
         ce_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
-        T = temperature
-        ws, wt = w_s.float(), w_t.float()
-        for a in range(0, n, chunk):
-            hs, ht, tg = h_s[a:a + chunk].float(), h_t[a:a + chunk].float(), targets[a:a + chunk]
-            z_s = hs @ ws.T  # [c, V]
-            lp_t = torch.log_softmax((ht @ wt.T) / T, dim=-1)
-            lp_s = torch.log_softmax(z_s / T, dim=-1)
-            p_t = lp_t.exp()
-            kl_sum += ((lp_t - lp_s) * p_t).sum().double() * T * T
-            valid = tg >= 0
-            rows = torch.arange(len(tg), device=tg.device)
-            lp1 = lp_s if T == 1.0 else torch.log_softmax(z_s, dim=-1)  # CE is at T = 1: logged always
-            ce_sum += -(lp1[rows, tg.clamp(min=0)] * valid).sum().double()
-            p1 = lp1.exp() if (ce_scale and T != 1.0) else None
-            dz = lp_s.exp_()  # p_s, in lp_s's memory (lp1 is not needed any more at T = 1)
-            if ce_scale:  # + ce_scale (p1 - onehot) on positions with a target
-                g = dz.clone() if p1 is None else p1
-                g[rows, tg.clamp(min=0)] -= 1.0
-                g.mul_(valid[:, None].to(g.dtype))
-            dz.sub_(p_t).mul_(T)  # T (p_s - p_t)
-            if ce_scale:
-                dz.add_(g, alpha=ce_scale)
-            del lp1, p1
-            grad_h[a:a + chunk] = dz @ ws
-            if grad_w is not None:
-                grad_w.addmm_(dz.T, hs)
-        ctx.save_for_backward(grad_h, grad_w if grad_w is not None else torch.empty(0))
+        ws, wt = w_s.detach().to(dtype), w_t.to(dtype)
+        with torch.autocast(h_s.device.type, enabled=False):  # dtypes are explicit here
+            for a in range(0, n, chunk):
+                hs, ht, tg = h_s[a:a + chunk].detach().to(dtype), h_t[a:a + chunk].to(dtype), targets[a:a + chunk]
+                z_s, z_t = hs @ ws.T, ht @ wt.T  # [c, V] in dtype
+                valid = tg >= 0
+                kl, lse1, dz = _chunk_fn(z_s)(z_s, z_t, valid.float(), float(temperature), float(ce_scale))
+                kl_sum += kl.double()
+                rows = torch.arange(len(tg), device=tg.device)
+                picked = tg.clamp(min=0)
+                ce_sum += -((z_s[rows, picked].float() - lse1) * valid).sum().double()  # CE at T = 1
+                if ce_scale:  # the one-hot part of ce_scale (softmax(z_s) - onehot), on positions with a target
+                    dz[rows, picked] -= (ce_scale * valid).to(dz.dtype)
+                del z_s, z_t
+                grad_h[a:a + chunk] = dz @ ws
+                if grad_w is not None and dtype == torch.float32:
+                    grad_w.addmm_(dz.T, hs)
+                elif grad_w is not None:  # bf16 product, fp32 accumulation
+                    grad_w.add_(dz.T @ hs)
+        ctx.save_for_backward(grad_h.to(h_s.dtype), grad_w if grad_w is not None else torch.empty(0))
         ctx.has_w = grad_w is not None
         return torch.stack([kl_sum.float(), ce_sum.float()])
 
@@ -83,24 +138,32 @@ class _FusedHeadKD(torch.autograd.Function):
     def backward(ctx, g):
         grad_h, grad_w = ctx.saved_tensors
         gk = g[0]  # only the KL sum (and the ce_weight part folded into it) is differentiated
-        return (grad_h * gk, (grad_w * gk) if ctx.has_w else None, None, None, None, None, None, None)
+        return (grad_h * gk, (grad_w * gk) if ctx.has_w else None, None, None, None, None, None, None, None)
 
 
 def kd_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, temperature: float = 1.0,
-            ce_weight: float = 0.0, chunk: int = 128) -> tuple[torch.Tensor, dict]:
-    """Mean per-position loss over input_ids [B, T] and its parts {'kl', 'ce'} (floats, for logging)."""
+            ce_weight: float = 0.0, chunk: int = 128,
+            dtype: torch.dtype = torch.float32, teacher_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+    """Mean per-position loss over input_ids [B, T] and its parts {'kl', 'ce'} (floats, for logging).
+
+    dtype: the matmuls' dtype for the student's body and both heads (bf16: under autocast; fp32: everything
+    fp32); teacher_dtype: the teacher body's (default: dtype)."""
     arch.check_softcap(student)
-    with torch.no_grad():
+    td = dtype if teacher_dtype is None else teacher_dtype
+    with torch.no_grad(), torch.autocast(input_ids.device.type, dtype=td, enabled=td != torch.float32):
         h_t = teacher.model(input_ids).last_hidden_state
-        w_t = teacher.get_output_embeddings().weight
-    h_s = student.model(input_ids).last_hidden_state
+    w_t = frozen_cast(teacher.get_output_embeddings().weight, dtype)
+    with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        h_s = student.model(input_ids).last_hidden_state
     w_s = head_weight(student)
+    if not w_s.requires_grad:
+        w_s = frozen_cast(w_s, dtype)
     targets = torch.full_like(input_ids, -1)
     targets[:, :-1] = input_ids[:, 1:]
     H = h_s.shape[-1]
     n_pos, n_tgt = input_ids.numel(), max(1, int((targets >= 0).sum()))
     sums = _FusedHeadKD.apply(h_s.reshape(-1, H), w_s, h_t.reshape(-1, H), w_t, targets.reshape(-1),
-                              temperature, ce_weight * n_pos / n_tgt, chunk)
+                              temperature, ce_weight * n_pos / n_tgt, chunk, dtype)
     kl = sums[0] / n_pos  # differentiated: its gradient also carries the ce_weight part
     ce = sums[1].detach() / n_tgt
     loss = kl + ce_weight * ce if ce_weight else kl

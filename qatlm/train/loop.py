@@ -107,8 +107,15 @@ def training_blocks(cfg: TrainConfig, run: Path, teacher: Teacher, ctx: dist.Con
         raise ValueError("no training data: give --data FILES_OR_DIRS, or --data-free N to train on N sequences "
                          "the teacher samples itself (N >= 2)")
     stream = synthetic_stream(run, teacher.model, teacher.tokenizer, cfg.data_free, cfg.seq_len, cfg.seed,
-                              ctx.device, progress=ctx.main)
+                              ctx.device, progress=ctx.main, dtype=dtypes(cfg, ctx.device)[1])
     return blocks_from_stream(stream, teacher.tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.seed, "sampled")
+
+
+def dtypes(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
+    """(student and head matmuls' dtype, teacher's) for cfg.precision / cfg.teacher_precision on `device`."""
+    dtype = dist.compute_dtype(cfg.precision, device)
+    t = cfg.teacher_precision
+    return dtype, (dtype if t == "auto" else dist.compute_dtype(t, device))
 
 
 def _main_first(ctx: dist.Context, fn):
@@ -160,9 +167,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     # student
     student = build_student(cfg, t.model).to(ctx.device)
 
+    dtype, t_dtype = dtypes(cfg, ctx.device)  # bf16 matmuls where the hardware has them
+
     def loss_fn(s, tch, ids):
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=ctx.device.type == "cuda"):
-            return kd_loss(s, tch, ids, cfg.temperature, cfg.ce_weight, cfg.kd_chunk)
+        return kd_loss(s, tch, ids, cfg.temperature, cfg.ce_weight, cfg.kd_chunk, dtype, t_dtype)
 
     kd_step = (dist.shard(dist.KDStep(student, t.model, loss_fn, cfg.shard_teacher), ctx)
                if ctx.distributed else None)
@@ -239,7 +247,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
 def load_run(run_dir: str | Path, teacher: Teacher | None = None):
     """(config, teacher, student with the checkpoint's latent weights as plain modules) of a run directory."""
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file() or checkpoint_dir(run) is None:
+    if not os.path.lexists(run / "config.yaml") or checkpoint_dir(run) is None:  # a FIFO: refused when read
         raise ValueError(f"{run}: not a qatlm run directory with a checkpoint (config.yaml + checkpoint/)")
     cfg = C.resolve(saved=run)
     t = teacher if teacher is not None else load_teacher(cfg.teacher)
