@@ -1,6 +1,6 @@
 """Run every benchmark in this folder, one after another, and print their ratios in one go.
 
-    python benchmarks/run_all.py            # quantize, eval, KD step, imatrix speed (~8 min on 2 cores)
+    python benchmarks/run_all.py   # quantize, whole-file quantize, eval, KD step, training speed, imatrix (~20 min on 2 cores)
 """
 import subprocess
 import sys
@@ -9,7 +9,8 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 BENCHMARKS = [("quantize_speed.py", []), ("eval_speed.py", []), ("kd_step.py", ["--seq", "1024", "--repeats", "1"]),
-              ("imatrix_speed.py", ["--chunks", "32"])]
+              ("imatrix_speed.py", ["--chunks", "32"]), ("train_speed.py", ["--repeats", "1", "--sample", "16"]),
+              ("quantize_file.py", ["--repeats", "2"])]
 
 
 def main() -> int:

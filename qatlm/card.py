@@ -124,48 +124,13 @@ def teacher_facts(teacher: str) -> dict:
     return facts
 
 
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
 def general_keys(path: str | os.PathLike) -> dict:
-    """The scalar and string `general.*` metadata of a GGUF file (arrays skipped). Our own few lines instead of
-    gguf-py's GGUFReader, which builds a numpy view per vocabulary item: 20 s for Gemma's 262k tokens on a
-    2-core machine, for three strings. The file is first checked by qatlm.gguf.io.validate (every length and
-    count within the file, only scalar and string array items)."""
-    import mmap
-    import struct
-
+    """The scalar and string `general.*` metadata of a GGUF file (arrays skipped), as qatlm.gguf.io.validate reads
+    them while checking the file (gguf-py's GGUFReader builds a numpy view per vocabulary item: 20 s for Gemma's
+    262k tokens on a 2-core machine, for three strings)."""
     from .gguf.io import validate
 
-    validate(path)
-    out = {}
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        pos = 24  # after magic, version, tensor count and key count
-
-        def take(fmt: str):
-            nonlocal pos
-            v = struct.unpack_from("<" + fmt, buf, pos)[0]
-            pos += struct.calcsize("<" + fmt)
-            return v
-
-        def string() -> str:
-            nonlocal pos
-            n = take("Q")
-            pos += n
-            return buf[pos - n:pos].decode("utf-8", errors="replace")
-
-        for _ in range(struct.unpack_from("<Q", buf, 16)[0]):
-            key, vtype = string(), take("I")
-            if vtype == 9:  # array: skipped
-                etype, count = take("I"), take("Q")
-                for _ in range(count if etype == 8 else 0):
-                    string()
-                pos += 0 if etype == 8 else count * struct.calcsize("<" + _SCALARS[etype])
-                continue
-            value = string() if vtype == 8 else take(_SCALARS[vtype])
-            if key.startswith("general."):
-                out[key] = value
-    return out
+    return {k: v for k, v in validate(path).values.items() if k.startswith("general.")}
 
 
 def _bundled_repo() -> str | None:
