@@ -94,15 +94,20 @@ def test_quantize_refuses_damaged_input_and_keeps_outputs(tiny, tmp_path):
 
 def test_write_is_atomic_on_failure(tiny, tmp_path, monkeypatch):
     """A failure in the middle of writing (here: a full disk) leaves no file and keeps the old one."""
-    import gguf
+    import qatlm.gguf.ptq as ptq
 
     out = tmp_path / "out.gguf"
     out.write_bytes(b"earlier result")
+    calls = []
 
-    def full_disk(self, *a, **k):
-        raise OSError(28, "No space left on device")
+    def full_disk(*a, **k):  # the disk fills up after the header and the first tensor were written
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return encode(*a, **k)
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", full_disk)
+    encode = ptq.encode_tensor
+    monkeypatch.setattr(ptq, "encode_tensor", full_disk)
     with pytest.raises(OSError, match="no space left while writing .*out.gguf"):
         quantize_gguf(tiny, out, "q8_0", progress=False)
     assert out.read_bytes() == b"earlier result"
