@@ -61,9 +61,6 @@ class BlockFormat(ABC):
     # "row": the block weights also need the mean x^2 of the block's whole row (Q4_0/Q5_0/Q4_1/Q5_1);
     # "block": the block alone (K-quants); "ignored": ggml drops it (Q8_0); None: not implemented here.
     imatrix_use: ClassVar[str | None] = None
-    # whether the imatrix searches compile in reasonable time (Q4_0/Q5_0's 19-grid make_qx_quants: ~1-2 min,
-    # once per machine thanks to Inductor's on-disk cache; see _kernels.run_imatrix)
-    imatrix_compile: ClassVar[bool] = False
 
     @property
     def bits_per_weight(self) -> float:

@@ -10,10 +10,9 @@ without it, Inductor drops the fp32 -> fp16 -> fp32 round trip and fake quant dr
 
 The search formats (the K-quants, IQ4_NL, IQ4_XS) always run eager: their searches unroll into graphs of thousands of
 nodes that Inductor takes minutes to compile (162 s for Q4_K, measured) for a 2x gain.
-With an importance matrix (run_imatrix) tensors take the exact path; for Q4_0/Q5_0 (the default QAT job's
-imatrix rule, whose fake quant runs on every weight at every step) it is compiled on large CPU tensors:
-~4-5x faster than eager, bit-identical (tested against libggml), for a compile of 1-2 minutes that Inductor's
-on-disk cache makes a one-time cost per machine. The other weighted searches stay eager (too long to compile).
+With an importance matrix (run_imatrix) every tensor takes the eager exact path. A compiled Q4_0/Q5_0 imatrix
+kernel was tried (2x faster than the eager search); it matched libggml when run alone but not on the
+extreme-magnitude case family after other compiled kernels had run in the same process, so it is not used.
 Small tensors and CUDA use the eager kernels: compiling costs seconds once per process (less with
 Inductor's on-disk cache), and Triton fuses multiply-adds into FMAs by default, which would change
 rounding. QATLM_COMPILE=0 turns compilation off; if compilation itself fails (no C++ compiler), qatlm
@@ -33,7 +32,6 @@ from ._weighted import row_sigma2
 COMPILE_MIN_ELEMENTS = 1 << 20  # below this, compile time is not paid back in one call
 EAGER_CHUNK = 1 << 18  # elements per eager step: intermediates stay cache-sized
 IMATRIX_CHUNK = 1 << 19  # elements per step of the imatrix searches, whose inner loops run row by row
-IMATRIX_COMPILE_MIN_ELEMENTS = 1 << 16  # one dynamic-shape graph serves every tensor of a run: compile it early
 COMPILED_CHUNK = 1 << 22  # elements per compiled step: bounds peak memory of the outputs
 
 FORCE_EXACT = False  # tests: run the exact branch-free rules (the CUDA path) on CPU for every block
@@ -97,15 +95,6 @@ def _imatrix_kernel(f: BlockFormat, kind: str, blocks, qw, sig):
     return f.pack(codes) if kind == "quantize" else f.decode(codes)
 
 
-def _compiled_imatrix_kernel(f: BlockFormat, kind: str) -> Callable:
-    key = (f.name, kind + "+imatrix")
-    if key not in _compiled:
-        _exact_inductor()
-        _compiled[key] = torch.compile(lambda b, q, s: _imatrix_kernel(f, kind, b, q, s), dynamic=True,
-                                       fullgraph=True)
-    return _compiled[key]
-
-
 def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor) -> bool:
     """Apply kernel `kind` ("quantize", "fake", "dequantize") to `rows` ([R, width]: floats, or bytes for
     "dequantize") in chunks of whole rows, writing the matching rows of `out`. Returns whether every
@@ -150,17 +139,12 @@ def run_imatrix(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor
     long unrolled loops that torch.compile would take minutes to build. Returns whether rows were all finite
     (checked on CPU only, as in `run`).
     """
-    global _compile_failed
     width, bs = rows.shape[1], f.block_size
     nb = width // bs
     finite = True
-    # compiled for training's fake quant only (every weight, every step: the compile pays back within a run);
-    # a one-off `quantize --imatrix` stays eager, whose cold call would not
-    use_compiled = (kind == "fake" and rows.device.type == "cpu" and f.imatrix_compile and compile_enabled()
-                    and rows.numel() >= IMATRIX_COMPILE_MIN_ELEMENTS)
     # the mean x^2 of each whole row (ggml quantize_row_q4_0_impl & co.), summed in C order over the row
     sigma2 = row_sigma2(rows.to(torch.float32)) if f.imatrix_use == "row" else None  # [R, 1]
-    step = max(1, (COMPILED_CHUNK if use_compiled else IMATRIX_CHUNK) // max(1, width))
+    step = max(1, IMATRIX_CHUNK // max(1, width))
     for a in range(0, rows.shape[0], step):
         part = rows[a:a + step].to(torch.float32)
         r = part.shape[0]
@@ -169,15 +153,6 @@ def run_imatrix(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor
         blocks = part.reshape(-1, bs)  # [r * nb, B]
         qw = imatrix.view(1, nb, bs).expand(r, nb, bs).reshape(-1, bs)
         sig = None if sigma2 is None else sigma2[a:a + r].expand(r, nb).reshape(-1, 1)
-        result = None
-        if use_compiled:
-            try:
-                result = _compiled_imatrix_kernel(f, kind)(blocks, qw, sig)
-            except Exception as e:  # no compiler, unsupported platform: say so once, stay exact
-                _compile_failed, use_compiled = True, False
-                warnings.warn(f"qatlm: torch.compile unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                              "using eager kernels (identical bytes, slower). Set QATLM_COMPILE=0 to skip trying.")
-        if result is None:
-            result = _imatrix_kernel(f, kind, blocks, qw, sig)
+        result = _imatrix_kernel(f, kind, blocks, qw, sig)
         out[a:a + step] = result.reshape(r, -1)
     return finite

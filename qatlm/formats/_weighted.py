@@ -82,12 +82,6 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
     def grid(iscale):
         lf = codes(iscale)
         sumlx, suml2 = torch.zeros_like(mx), torch.zeros_like(mx)
-        if torch.compiler.is_compiling():  # the same sums, out of place: Inductor fuses them into one loop
-            for i in range(x.shape[0]):
-                li = lf[i]
-                sumlx = sumlx + wx[i] * li
-                suml2 = suml2 + (w[i] * li) * li
-            return sumlx, suml2
         for i in range(x.shape[0]):  # row by row (in C order): the products stay in cache, ~2x faster
             li = lf[i]
             sumlx.add_(torch.mul(wx[i], li, out=tmp))

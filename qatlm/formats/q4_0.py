@@ -10,7 +10,6 @@ from ._weighted import encode_symmetric_imatrix
 
 class Q4_0(BlockFormat):
     imatrix_use = "row"
-    imatrix_compile = True
 
     def encode(self, blocks: torch.Tensor, fast: bool = False) -> Codes:
         return encode_symmetric(blocks, 8, fast)

@@ -11,7 +11,6 @@ from ._weighted import encode_symmetric_imatrix
 
 class Q5_0(BlockFormat):
     imatrix_use = "row"
-    imatrix_compile = True
 
     def encode(self, blocks: torch.Tensor, fast: bool = False) -> Codes:
         return encode_symmetric(blocks, 16, fast)
