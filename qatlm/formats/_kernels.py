@@ -73,26 +73,17 @@ def compile_enabled() -> bool:
     return os.environ.get("QATLM_COMPILE", "1") != "0" and not _compile_failed
 
 
-def _exact_inductor() -> None:
-    import torch._inductor.config as inductor_config
-
-    inductor_config.cpp.enable_floating_point_contract_flag = "off"  # no FMA: exactness depends on it
-    # keep fp32 -> fp16 -> fp32 round trips of the scales: by default Inductor elides such casts
-    inductor_config.emulate_precision_casts = True
-
-
 def _compiled_kernel(f: BlockFormat, kind: str) -> Callable:
     key = (f.name, kind)
     if key not in _compiled:
-        _exact_inductor()
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_floating_point_contract_flag = "off"  # no FMA: exactness depends on it
+        # keep fp32 -> fp16 -> fp32 round trips of the scales: by default Inductor elides such casts
+        inductor_config.emulate_precision_casts = True
         fn = _FAST[kind]
         _compiled[key] = torch.compile(lambda x: fn(f, x), dynamic=True, fullgraph=True)
     return _compiled[key]
-
-
-def _imatrix_kernel(f: BlockFormat, kind: str, blocks, qw, sig):
-    codes = f.encode_imatrix(blocks, qw, sig)
-    return f.pack(codes) if kind == "quantize" else f.decode(codes)
 
 
 def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor) -> bool:
@@ -153,6 +144,7 @@ def run_imatrix(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor
         blocks = part.reshape(-1, bs)  # [r * nb, B]
         qw = imatrix.view(1, nb, bs).expand(r, nb, bs).reshape(-1, bs)
         sig = None if sigma2 is None else sigma2[a:a + r].expand(r, nb).reshape(-1, 1)
-        result = _imatrix_kernel(f, kind, blocks, qw, sig)
+        codes = f.encode_imatrix(blocks, qw, sig)
+        result = f.pack(codes) if kind == "quantize" else f.decode(codes)
         out[a:a + step] = result.reshape(r, -1)
     return finite

@@ -82,11 +82,6 @@ def compute_dtype(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16
 
 
-def autocast(device: torch.device, dtype: torch.dtype):
-    """torch.autocast to `dtype` on `device` (a no-op context for fp32)."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-
 def barrier(ctx: Context) -> None:
     if ctx.distributed:
         dist.barrier()
