@@ -115,8 +115,10 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
     if not (qat.exists() and (src.kind == "gguf" or (out / "teacher-f32.gguf").exists()) and ptq.exists()
             and imatrix_ptq.exists()):
         t = load_teacher(cfg.teacher)
-    print("[2/5] " + (f"{len(cfg.data)} training files" if cfg.data else
-                      f"data-free: {cfg.data_free} sequences sampled from the teacher")
+    sampled = f"{cfg.data_free} sequences sampled from the teacher"
+    print("[2/5] " + (f"{len(cfg.data)} training files" + (f" mixed with {sampled} ({cfg.sampled_fraction:g} of "
+                                                             "every batch)" if cfg.data_free else "")
+                      if cfg.data else f"data-free: {sampled}")
           + f"; in-domain eval {eval_text}; out-of-domain eval {', '.join(Path(o).name for o in ood)}")
 
     if ptq.exists():
@@ -130,8 +132,9 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
     teacher_gguf = src.path if src.kind == "gguf" else out / "teacher-f32.gguf"
     if not teacher_gguf.exists():
         export_gguf(t.model, teacher_gguf, "f32", hf_dir=t.hf_dir)
-    if not imatrix_ptq.exists():  # calibrated on the training text (data-free: the teacher's samples)
-        calibration = cfg.data or [str(sampled_text(t, cfg, run_dir, out / "synthetic.txt"))]
+    if not imatrix_ptq.exists():  # calibrated on the training text (with --data-free: and the teacher's samples)
+        # (the samples first: llama-imatrix's chunks are the first --chunks of the concatenated text)
+        calibration = ([str(sampled_text(t, cfg, run_dir, out / "synthetic.txt"))] if cfg.data_free else []) + cfg.data
         imatrix_baseline(t, teacher_gguf, calibration, imatrix, imatrix_ptq, plan, cfg.overrides, imatrix_chunks,
                          imatrix_ctx)
 

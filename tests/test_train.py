@@ -116,6 +116,48 @@ def test_data_free_distillation(tiny, tmp_path):
         train(cfg_for(tiny, "llama", tmp_path / "none", data=[]), progress=False)
 
 
+def test_mixed_batches_take_the_sampled_fraction():
+    """A corpus mixed with teacher samples: exactly `fraction` of the batch elements come from the sampled
+    blocks (the first ones), each group is drawn without repeats within its epoch, and the draw is a pure
+    function of the step (what makes resume exact)."""
+    from qatlm.train.loop import batch_indices
+
+    n, first, steps = 50, 8, 40
+    for fraction in (0.25, 0.5):
+        drawn = [i for s in range(steps) for i in batch_indices(n, s, 0, 4, 1, seed=3, first=first, fraction=fraction)]
+        sampled = [i for i in drawn if i < first]
+        assert len(sampled) == steps * 4 * fraction
+        corpus = [i for i in drawn if i >= first]
+        assert sorted(sampled[:first]) == list(range(first))  # a permutation per epoch of the sampled group
+        assert sorted(corpus[: n - first]) == list(range(first, n))
+        assert drawn[8:12] == batch_indices(n, 2, 0, 4, 1, seed=3, first=first, fraction=fraction)
+    assert batch_indices(n, 5, 0, 4, 1, seed=3) == batch_indices(n, 5, 0, 4, 1, seed=3, first=0, fraction=0.5)
+
+
+def test_corpus_mixed_with_teacher_samples(tiny, tmp_path):
+    """--data with --data-free N: the N sampled sequences join the corpus (held-out blocks from both), half of
+    every batch is sampled text, and the run trains."""
+    from qatlm.train.data import load_blocks
+    from qatlm.train.loop import sampled_first, training_blocks
+    from qatlm.teacher import load_teacher
+    from qatlm.train import dist
+
+    cfg = cfg_for(tiny, "gemma3", tmp_path / "run", data_free=12, steps=6)
+    run = train(cfg, progress=False)
+    assert len(kls(run)) == 6
+    t = load_teacher(str(tiny["gemma3"]))
+    train_b, held = training_blocks(cfg, run, t, dist.setup("cpu"))
+    corpus, corpus_held = load_blocks(cfg.data, t.tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.seed)
+    sampled = np.load(run / "synthetic.npy").reshape(12, 32)
+    first = sampled_first(cfg)
+    assert first == 11 and len(train_b) == first + len(corpus) and len(held) == 1 + len(corpus_held)
+    assert torch.equal(train_b[first:], corpus)
+    rows = {tuple(r) for r in sampled.tolist()}
+    assert all(tuple(r) in rows for r in train_b[:first].tolist())
+    with pytest.raises(ValueError, match="sampled_fraction"):
+        train(cfg_for(tiny, "gemma3", tmp_path / "bad", data_free=12, sampled_fraction=1.0), progress=False)
+
+
 def test_imatrix_qat_exports_what_quantize_imatrix_writes(tiny, tmp_path):
     """--imatrix: the student starts at imatrix PTQ and trains against llama-quantize --imatrix's rule; the
     exported GGUF is byte for byte `qatlm quantize --imatrix` of the unquantized QAT checkpoint (which is

@@ -26,7 +26,8 @@ import yaml
 class TrainConfig:
     teacher: str = "bundled"  # a .gguf, a Hugging Face directory, or "bundled" (Gemma 3 270M)
     data: list[str] = field(default_factory=list)  # text/jsonl/parquet files or directories of them
-    data_free: int = 0  # with no data: train on this many seq_len sequences sampled from the teacher
+    data_free: int = 0  # train on this many seq_len sequences sampled from the teacher (with data: mixed in)
+    sampled_fraction: float = 0.5  # with both data and data_free: the share of every batch that is sampled text
     out: str = "runs/qat"  # the run directory
     plan: str = "q4_0"  # the GGUF type plan the student is trained for (and exported with)
     overrides: list[str] = field(default_factory=list)  # PATTERN=TYPE plan overrides
@@ -69,6 +70,10 @@ class TrainConfig:
             raise ValueError(f"snap must be in [0, 1), got {self.snap}")
         if self.lora_rank < 0 or self.data_free < 0 or self.warmup < 0:
             raise ValueError("lora_rank, data_free and warmup must be >= 0")
+        if not 0 < self.sampled_fraction < 1:
+            raise ValueError(f"sampled_fraction must be in (0, 1), got {self.sampled_fraction}")
+        if self.data and self.data_free == 1:
+            raise ValueError("data_free must be 0 (off) or >= 2 sequences to mix into the corpus")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for key in ("precision", "teacher_precision"):
@@ -80,8 +85,8 @@ class TrainConfig:
 
 
 # what a resumed run may not change: the model, the data and the data order it was trained on
-FIXED_ON_RESUME = ("teacher", "data", "data_free", "plan", "overrides", "imatrix", "seq_len", "batch_size", "grad_accum",
-                   "seed", "heldout_fraction", "snap", "train_embeddings", "lora_rank", "lora_alpha")
+FIXED_ON_RESUME = ("teacher", "data", "data_free", "sampled_fraction", "plan", "overrides", "imatrix", "seq_len",
+                   "batch_size", "grad_accum", "seed", "heldout_fraction", "snap", "train_embeddings", "lora_rank", "lora_alpha")
 RECIPES = Path(str(resources.files("qatlm.recipes")))
 
 

@@ -168,6 +168,11 @@ def load_blocks(paths: list[str], tokenizer, seq_len: int, heldout_fraction: flo
     return blocks_from_stream(stream, tokenizer, seq_len, heldout_fraction, seed, where)
 
 
+def held_out_count(n: int, heldout_fraction: float) -> int:
+    """How many of n blocks are held out."""
+    return max(1, int(round(n * heldout_fraction))) if heldout_fraction > 0 else 0
+
+
 def blocks_from_stream(stream: np.ndarray, tokenizer, seq_len: int, heldout_fraction: float = 0.05, seed: int = 0,
                        where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """A token stream -> (train blocks, held-out blocks) [n, seq_len], BOS-first, seeded split."""
@@ -179,6 +184,6 @@ def blocks_from_stream(stream: np.ndarray, tokenizer, seq_len: int, heldout_frac
     if tokenizer.bos_token_id is not None:  # every block starts like a document (llama-perplexity does the same
         blocks[:, 0] = tokenizer.bos_token_id  # to its chunks); Gemma in particular degrades badly without BOS
     perm = np.random.default_rng(seed).permutation(n)
-    n_held = max(1, int(round(n * heldout_fraction))) if heldout_fraction > 0 else 0
+    n_held = held_out_count(n, heldout_fraction)
     held, train = perm[:n_held], np.sort(perm[n_held:])
     return blocks[torch.from_numpy(train)], blocks[torch.from_numpy(np.sort(held))]

@@ -37,7 +37,7 @@ from . import config as C
 from . import dist
 from .checkpoint import checkpoint_dir, checkpoint_step, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import blocks_from_stream, load_blocks
+from .data import blocks_from_stream, held_out_count, load_blocks
 from .kd_loss import kd_loss
 from .synthetic import synthetic_stream
 
@@ -52,15 +52,31 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
-def batch_indices(n_blocks: int, step: int, micro: int, batch_size: int, accum: int, seed: int) -> list[int]:
-    """The block indices of micro-batch `micro` of `step`: a seeded permutation per epoch (pure function)."""
+def batch_indices(n_blocks: int, step: int, micro: int, batch_size: int, accum: int, seed: int,
+                  first: int = 0, fraction: float = 0.0) -> list[int]:
+    """The block indices of micro-batch `micro` of `step`: a seeded permutation per epoch (pure function).
+    With `first` > 0 (a mix whose first `first` blocks are teacher-sampled text), the run's k-th batch element
+    comes from those blocks when floor((k + 1) * fraction) > floor(k * fraction), i.e. exactly `fraction` of
+    every stretch of elements, and from the others otherwise; each group has its own permutation per epoch."""
     start = (step * accum + micro) * batch_size
     out = []
     for k in range(start, start + batch_size):
+        if first:
+            a = math.floor(k * fraction)  # sampled elements before k
+            sampled = math.floor((k + 1) * fraction) > a
+            n, offset, j, group = (first, 0, a, 1) if sampled else (n_blocks - first, first, k - a, 2)
+            epoch, pos = divmod(j, n)
+            out.append(offset + int(np.random.default_rng([seed, epoch, group]).permutation(n)[pos]))
+            continue
         epoch, pos = divmod(k, n_blocks)
         perm = np.random.default_rng([seed, epoch]).permutation(n_blocks)
         out.append(int(perm[pos]))
     return out
+
+
+def sampled_first(cfg: TrainConfig) -> int:
+    """With both a corpus and --data-free: how many training blocks (the first ones) are sampled text; else 0."""
+    return cfg.data_free - held_out_count(cfg.data_free, cfg.heldout_fraction) if cfg.data and cfg.data_free else 0
 
 
 def steps_for_budget(budget_minutes: float, seconds_per_step: float, steps: int) -> int:
@@ -99,16 +115,24 @@ def load_imatrix(cfg: TrainConfig, model: torch.nn.Module):
 
 
 def training_blocks(cfg: TrainConfig, run: Path, teacher: Teacher, ctx: dist.Context):
-    """(train blocks, held-out blocks) [n, seq_len]: the corpus, or text the teacher samples (--data-free)."""
-    if cfg.data:
-        return load_blocks(cfg.data, teacher.tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.seed,
-                           cache=run / "tokens")
-    if cfg.data_free < 2:
+    """(train blocks, held-out blocks) [n, seq_len]: the corpus, text the teacher samples (--data-free), or
+    both: the sampled blocks first (sampled_first(cfg) of them), then the corpus's."""
+    if not cfg.data and cfg.data_free < 2:
         raise ValueError("no training data: give --data FILES_OR_DIRS, or --data-free N to train on N sequences "
                          "the teacher samples itself (N >= 2)")
-    stream = synthetic_stream(run, teacher.model, teacher.tokenizer, cfg.data_free, cfg.seq_len, cfg.seed,
-                              ctx.device, progress=ctx.main, dtype=dtypes(cfg, ctx.device)[1])
-    return blocks_from_stream(stream, teacher.tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.seed, "sampled")
+    parts = []
+    if cfg.data_free:
+        stream = synthetic_stream(run, teacher.model, teacher.tokenizer, cfg.data_free, cfg.seq_len, cfg.seed,
+                                  ctx.device, progress=ctx.main, dtype=dtypes(cfg, ctx.device)[1])
+        parts.append(blocks_from_stream(stream, teacher.tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.seed,
+                                        "sampled"))
+    if cfg.data:
+        parts.append(load_blocks(cfg.data, teacher.tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.seed,
+                                 cache=run / "tokens"))
+    if len(parts) == 1:
+        return parts[0]
+    assert len(parts[0][0]) == sampled_first(cfg)
+    return torch.cat([parts[0][0], parts[1][0]]), torch.cat([parts[0][1], parts[1][1]])
 
 
 def dtypes(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype, torch.dtype]:
@@ -140,6 +164,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     """Run (or resume) training; returns the run directory. `teacher`: an already loaded Teacher of
     cfg.teacher (qatlm run loads it once). `stop_after` ends early after that step (tests)."""
     # setup
+    cfg.validate()
     run = Path(cfg.out)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % world:
@@ -202,7 +227,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             opt.zero_grad(set_to_none=True)
             kl = ce = 0.0
             for micro in range(cfg.grad_accum):
-                idx = batch_indices(len(train_blocks), step, micro, cfg.batch_size, cfg.grad_accum, cfg.seed)
+                idx = batch_indices(len(train_blocks), step, micro, cfg.batch_size, cfg.grad_accum, cfg.seed,
+                                    sampled_first(cfg), cfg.sampled_fraction)
                 ids = train_blocks[idx[ctx.rank::ctx.world]].to(ctx.device)  # this process's share
                 loss, parts = kd_step(ids) if kd_step is not None else loss_fn(student, t.model, ids)
                 if dist.mean_over_ranks(ctx, [float(not torch.isfinite(loss))])[0]:
@@ -272,8 +298,10 @@ TRAIN_FLAGS = {
     "--save-every": ("save_every", int, "checkpoint every N steps"),
     "--seed": ("seed", int, "random seed (data order, LoRA init, sampling)"),
     "--budget-minutes": ("budget_minutes", float, "size the schedule to this training time (measured at step 2)"),
-    "--data-free": ("data_free", int, "no corpus: train on N sequences of --seq-len tokens sampled from the teacher "
-                    "(saved in the run directory)"),
+    "--data-free": ("data_free", int, "train on N sequences of --seq-len tokens sampled from the teacher (saved in "
+                    "the run directory); with --data they are mixed in, --sampled-fraction of every batch"),
+    "--sampled-fraction": ("sampled_fraction", float, "with --data and --data-free: the share of every batch that "
+                           "is teacher-sampled text"),
     "--lora": ("lora_rank", int, "train LoRA adapters of this rank inside the fake quantizer instead of every weight"),
     "--imatrix": ("imatrix", str, "an imatrix file: fake quant and export use llama-quantize --imatrix's rule, so the "
                   "student starts at imatrix PTQ and the GGUF is that rule applied to the trained weights"),
