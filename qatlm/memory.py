@@ -2,6 +2,11 @@
 
     qatlm memory gemma-3-27b --plan q4_0 --ctx 32768
     qatlm memory model.gguf --plan f16 --ctx 4096 --json mem.json
+    qatlm memory gemma-3-4b --train --seq-len 4096 --batch-size 1 --devices 4 --teacher sharded   # QAT training
+
+With --train it plans the peak memory of a QAT run instead (qatlm.train.memory_plan: weights, teacher,
+gradients, AdamW states, activations, the KD head, FSDP2 sharding), the fewest devices of --gpu-gb that hold it
+and an estimated tokens/s.
 
 MODEL is a GGUF file (its real tensor shapes), a Hugging Face directory (shapes from config.json), or a
 shipped name (`gemma-3-270m`, `gemma-3-1b`, `gemma-3-4b`, `gemma-3-12b`, `gemma-3-27b`: configs only,
@@ -43,6 +48,7 @@ class ModelShapes:
     sliding_window: int | None = None  # Gemma 3 local layers
     swa_pattern: int | None = None  # every swa_pattern-th layer is global
     vision_params: int = 0
+    layer_types: tuple[str, ...] = ()  # config.layer_types where the config has them (else swa_pattern's rule)
 
 
 def _siglip_params(text_width: int) -> int:
@@ -87,7 +93,8 @@ def shapes_from_config(name: str, c: dict) -> ModelShapes:
     return ModelShapes(name, a.name, _config_tensors(config), config.num_hidden_layers,
                        config.num_key_value_heads, head_dim, getattr(config, "sliding_window", None)
                        if a.swa_pattern else None, a.swa_pattern,
-                       _siglip_params(config.hidden_size) if extra.get("vision") else 0)
+                       _siglip_params(config.hidden_size) if extra.get("vision") else 0,
+                       tuple(getattr(config, "layer_types", None) or ()))
 
 
 def load_shapes(model: str) -> ModelShapes:
@@ -196,17 +203,66 @@ def to_json(r: MemoryReport) -> str:
     return json.dumps(asdict(r), indent=1)
 
 
+# `qatlm memory --train` flags: flag -> (TrainSetup field, type, help); qatlm.train.memory_plan does the work
+TRAIN_FLAGS = {
+    "--lora": ("lora", int, "LoRA rank (default 0: full QAT)"),
+    "--devices": ("devices", int, "FSDP2 devices (default 1)"),
+    "--seq-len": ("seq_len", int, "tokens per sequence (default 256)"),
+    "--batch-size": ("batch_size", int, "sequences per device per micro-batch (default 2; TrainConfig's batch_size is "
+                     "this x devices)"),
+    "--precision": ("precision", str, "bf16 | fp32: the matmuls' dtype (default bf16)"),
+    "--teacher": ("teacher", str, "resident (default) | sharded (FSDP2, shard_teacher) | cache (a top-k teacher cache)"),
+    "--teacher-cache-k": ("cache_k", int, "top-k entries per position of the teacher cache (default 128)"),
+    "--kd-chunk": ("kd_chunk", int, "positions per KD-head chunk (default 128)"),
+    "--device-type": ("device_type", str, "cuda (default) | cpu: which AdamW step runs (foreach or per tensor)"),
+}
+
+
+def _train_plan(a) -> None:
+    from .train.memory_plan import TrainSetup, train_memory
+
+    given = {f: v for f, (k, _, _) in TRAIN_FLAGS.items() if (v := getattr(a, k)) is not None}
+    if not a.train:
+        if given or a.checkpointing or a.freeze_embeddings or a.gpu_gb is not None or a.tflops is not None:
+            raise ValueError(f"{', '.join(given) or 'those flags'}: training-memory flags need --train")
+        return None
+    kw = {k: getattr(a, k) for k, _, _ in TRAIN_FLAGS.values() if getattr(a, k) is not None}
+    setup = TrainSetup(**kw, checkpointing=a.checkpointing, train_embeddings=not a.freeze_embeddings, plan=a.plan)
+    if a.override:
+        raise ValueError("--override is not used by --train (the plan only decides which weights are fake-quantized)")
+    return train_memory(a.model, setup, 80.0 if a.gpu_gb is None else a.gpu_gb, 400.0 if a.tflops is None else a.tflops)
+
+
 def add_parsers(sub) -> None:
     def run(a) -> None:
+        t = _train_plan(a)
+        if t is not None:
+            print(t.table())
+            if a.json:
+                atomic_write_text(a.json, json.dumps(asdict(t), indent=1))
+            return
         r = memory(a.model, a.plan, a.ctx, a.kv_type, tuple(a.override))
         print(r.table())
         if a.json:
             atomic_write_text(a.json, to_json(r))
 
-    p = command(sub, "memory", "Weight and KV-cache memory of a model under a plan.",
-                "qatlm memory gemma-3-27b --plan q4_0 --ctx 32768 --json mem.json", run)
+    p = command(sub, "memory", "Weight and KV-cache memory of a model under a plan, or (--train) of QAT training.",
+                "qatlm memory gemma-3-27b --plan q4_0 --ctx 32768 --json mem.json\n"
+                "  qatlm memory gemma-3-4b --train --seq-len 4096 --batch-size 1 --devices 4 --teacher sharded", run)
     p.add_argument("model", help=f"a GGUF file, a Hugging Face directory, 'bundled', or {'|'.join(SHIPPED)}")
     plan_args(p)
     p.add_argument("--ctx", type=int, default=4096, help="context length for the KV cache (default 4096)")
     p.add_argument("--kv-type", default="f16", choices=["f16", "bf16", "f32", "q8_0", "q4_0"])
     p.add_argument("--json", type=Path, help="also write the report as JSON here")
+    t = p.add_argument_group("training memory (--train): peak bytes per device of a QAT run, itemized "
+                             "(qatlm.train.memory_plan)")
+    t.add_argument("--train", action="store_true", help="plan the memory of QAT training instead of inference")
+    for flag, (key, typ, help_) in TRAIN_FLAGS.items():
+        t.add_argument(flag, dest=key, type=typ, help=help_)
+    t.add_argument("--checkpointing", action="store_true", help="plan with activation checkpointing per decoder "
+                   "layer (a plan only: `qatlm train` does not checkpoint activations)")
+    t.add_argument("--freeze-embeddings", action="store_true", help="train_embeddings=false")
+    t.add_argument("--gpu-gb", type=float, help="device memory in GB (1e9 bytes) for the fewest-devices answer "
+                   "(default 80)")
+    t.add_argument("--tflops", type=float, help="assumed sustained TFLOP/s per device for the tokens/s estimate "
+                   "(default 400: an assumption for bf16 on an H100-class GPU, not a measurement)")
