@@ -12,7 +12,8 @@ import sys
 from . import __version__
 
 # the pipeline, in order: inspect and quantize -> calibrate -> train -> export -> measure -> the whole job
-MODULES = ["qatlm.gguf.ptq", "qatlm.memory", "qatlm.imatrix.compute", "qatlm.train.loop", "qatlm.gguf.export", "qatlm.eval.perplexity",
+MODULES = ["qatlm.gguf.ptq", "qatlm.memory", "qatlm.imatrix.compute", "qatlm.train.teacher_cache",
+           "qatlm.train.loop", "qatlm.gguf.export", "qatlm.eval.perplexity",
            "qatlm.eval.compare", "qatlm.pipeline"]
 
 EPILOG = """the pipeline: teacher -> fake-quant student -> KD training -> export -> evaluation

@@ -42,6 +42,8 @@ from .train.loop import add_train_flags, flags_of, train
 
 
 def plot_training(metrics: Path, out: Path) -> None:
+    """training.png: the training batches' KL with the held-out KL beside it (its steps: eval_every), and the
+    learning rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,7 +51,12 @@ def plot_training(metrics: Path, out: Path) -> None:
 
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-    ax[0].plot([r["step"] for r in rows], [r["kl"] for r in rows], lw=1)
+    ax[0].plot([r["step"] for r in rows], [r["kl"] for r in rows], lw=1, label="training batches")
+    held = [r for r in rows if r.get("heldout_kl") is not None]
+    if held:
+        ax[0].plot([r["step"] for r in held], [r["heldout_kl"] for r in held], "o-", ms=3, lw=1.2, color="#c44e52",
+                   label="held-out blocks")
+        ax[0].legend()
     ax[0].set_xlabel("step")
     ax[0].set_ylabel("KL(teacher || student)")
     ax[0].set_title("distillation loss")

@@ -279,12 +279,12 @@ def _check_tensors(path: Path, model: torch.nn.Module) -> dict[str, Path]:
     return {n: v[2] for n, v in found.items()}
 
 
-def check_finite_weights(model: torch.nn.Module, where) -> None:
+def check_finite_weights(model: torch.nn.Module, where,
+                         fix: str = "the weights are damaged (re-download or re-export the model)") -> None:
     """ValueError naming the tensor (where(name) -> 'file: tensor ...') when a weight holds NaN or inf."""
     for name, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{where(name)} has {int((~torch.isfinite(t)).sum())} NaN/inf value(s); the weights are "
-                             "damaged (re-download or re-export the model)")
+            raise ValueError(f"{where(name)} has {int((~torch.isfinite(t)).sum())} NaN/inf value(s); {fix}")
 
 
 def load_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, object, dict]:

@@ -57,6 +57,10 @@ def test_two_processes_train_like_one_and_resume_on_one(tiny, tmp_path):
     np.testing.assert_allclose(kls(two), kls(one), rtol=1e-4)
     diff, moved = max_weight_diff(one, two)
     assert moved > 1e-3 and diff < 1e-5, (diff, moved)
+    held = [[(r["step"], r["heldout_kl"]) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "heldout_kl" in r] for run in (one, two)]  # measured at the last step, under FSDP too
+    assert [s for s, _ in held[1]] == [s for s, _ in held[0]] == [6]
+    np.testing.assert_allclose([v for _, v in held[1]], [v for _, v in held[0]], rtol=1e-4)
     # resume the 2-process checkpoint (two DCP shards) on one process, and the 1-process run the same way
     for run in (one, two):
         assert main(["train", "--resume", str(run), "--set", "steps=8"]) == 0

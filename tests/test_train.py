@@ -83,6 +83,42 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny, tmp_path, monkeypatch):
     assert checkpoint_step(tmp_path / "run") == 4
 
 
+def test_export_refuses_a_diverged_student(tiny, tmp_path, monkeypatch):
+    """A checkpoint whose weights hold NaN is not exported: the error names the tensor and the fix, and no
+    output file is written (an earlier export at that path is kept)."""
+    import qatlm.train.loop as T
+    from qatlm.gguf.export import export_run
+
+    run = train(cfg_for(tiny, "llama", tmp_path / "run", steps=2), progress=False)
+    real = T.load_run
+
+    def diverged(*a, **k):
+        cfg, t, student = real(*a, **k)
+        with torch.no_grad():
+            student.model.layers[1].mlp.down_proj.weight[0, 3] = float("nan")
+        return cfg, t, student
+
+    monkeypatch.setattr(T, "load_run", diverged)
+    out = tmp_path / "qat.gguf"
+    out.write_bytes(b"earlier export")
+    with pytest.raises(ValueError, match=r"checkpoint: student tensor .*layers\.1\.mlp\.down_proj.*1 NaN/inf.*--lr"):
+        export_run(run, out)
+    assert out.read_bytes() == b"earlier export"
+
+
+def test_plan_that_does_not_fit_names_the_model(tiny, tmp_path):
+    """A plan whose block size does not divide the model's rows: train and quantize name the model file."""
+    from qatlm.gguf.ptq import quantize_gguf
+
+    with pytest.raises(ValueError, match=rf"^{tiny['llama']}: plan 'pure:q4_k': tensor .* rows of 64"):
+        train(cfg_for(tiny, "llama", tmp_path / "run", plan="pure:q4_k"), progress=False)
+    _, t, _ = load_run(train(cfg_for(tiny, "llama", tmp_path / "ok", steps=1), progress=False))
+    f32 = export_gguf(t.model, tmp_path / "f32.gguf", "f32", hf_dir=t.hf_dir, progress=False)
+    with pytest.raises(ValueError, match=rf"^{f32}: plan 'pure:q4_k': tensor"):
+        quantize_gguf(f32, tmp_path / "q.gguf", "pure:q4_k", progress=False)
+    assert not (tmp_path / "q.gguf").exists()
+
+
 def test_empty_data_is_refused(tiny, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -10,7 +10,14 @@ TEXT = ("It was the best of times, it was the worst of times, it was the age of 
         "foolishness. The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question. ") * 20
 
 
-def tiny_tokenizer(out: Path):
+# a ChatML chat template that writes BOS itself (as Gemma's and Llama 3's do) and a generation prompt
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer(out: Path, chat: bool = False):
+    """chat=True: with the special tokens <|im_start|> and <|im_end|> and CHAT_TEMPLATE (an instruction-tuned
+    model's tokenizer)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -21,6 +28,9 @@ def tiny_tokenizer(out: Path):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([TEXT], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    if chat:  # added after the base vocabulary, as instruction-tuned models' turn markers are
+        fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+        fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
 
@@ -46,20 +56,21 @@ def tiny_spm_tokenizer(out: Path, tokenizer_class: str = "LlamaTokenizer", vocab
     return tok
 
 
-def _tokenizer(out: Path, kind: str, spm_class: str = "LlamaTokenizer"):
+def _tokenizer(out: Path, kind: str, spm_class: str = "LlamaTokenizer", chat: bool = False):
     if kind == "bpe":
-        return tiny_tokenizer(out)
+        return tiny_tokenizer(out, chat)
     if kind == "spm":
         return tiny_spm_tokenizer(out, spm_class)
     raise ValueError(f"tokenizer must be 'bpe' or 'spm', got {kind!r}")
 
 
-def tiny_llama(out: Path, seed: int = 0, tokenizer: str = "bpe") -> Path:
-    """A 2-layer Llama (GQA: 4 heads, 2 KV heads) saved as a Hugging Face directory."""
+def tiny_llama(out: Path, seed: int = 0, tokenizer: str = "bpe", chat: bool = False) -> Path:
+    """A 2-layer Llama (GQA: 4 heads, 2 KV heads) saved as a Hugging Face directory (chat=True: with a chat
+    template, tiny_tokenizer)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out.mkdir(parents=True, exist_ok=True)
-    tok = _tokenizer(out, tokenizer)
+    tok = _tokenizer(out, tokenizer, chat=chat)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

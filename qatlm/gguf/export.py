@@ -171,6 +171,8 @@ def export_run(run_dir, out: str | os.PathLike | None = None, hf: str | os.PathL
     from ..card import card_info, write_card
     from ..student.plan import plan_types
     from ..train import config as C
+    from ..teacher import check_finite_weights
+    from ..train.checkpoint import checkpoint_dir
     from ..train.loop import load_imatrix, load_run
 
     if out is None and hf is None and mlx is None:
@@ -180,6 +182,9 @@ def export_run(run_dir, out: str | os.PathLike | None = None, hf: str | os.PathL
         raise ValueError(f"{run_dir} was trained for the MLX plan {plan!r}, which a GGUF cannot hold: export it "
                          f"with --mlx DIR (and --hf DIR for the unquantized checkpoint), without {out}")
     cfg, t, student = load_run(run_dir, teacher)
+    check_finite_weights(student, lambda n: f"{checkpoint_dir(Path(run_dir))}: student tensor {n!r}",
+                         "nothing was exported. The run diverged before this checkpoint: train again with a lower "
+                         "--lr or a longer --warmup (or export an earlier run)")
     im = load_imatrix(cfg, student)
     gguf = export_gguf(student, out, cfg.plan, tuple(cfg.overrides), source_gguf=t.gguf_path,
                        hf_dir=None if t.gguf_path else t.hf_dir, imatrix=im) if out is not None else None

@@ -99,6 +99,14 @@ def llama_order(name: str) -> tuple[int, bytes]:
     return (int(m.group(1)) if m else -1, name.encode())
 
 
+def _types(model, p, tensors, imatrix: bool) -> dict[str, str]:
+    """The plan's types for a GGUF's tensors; a plan that does not fit the model's shapes names the file."""
+    try:
+        return p.types(tensors, imatrix=imatrix)
+    except ValueError as e:
+        raise ValueError(f"{model}: {e}") from None
+
+
 def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, plan: str = "q4_0",
                   overrides: tuple[str, ...] = (), progress: bool = True,
                   imatrix: str | os.PathLike | None = None) -> Path:
@@ -107,7 +115,7 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, plan: str = "q
     src = gguf_path(src)
     info = validate(src)
     p = parse_plan(plan, overrides)
-    types = p.types([(t.name, t.ne, type_name(t.ggml_type)) for t in info.tensors], imatrix=imatrix is not None)
+    types = _types(src, p, [(t.name, t.ne, type_name(t.ggml_type)) for t in info.tensors], imatrix is not None)
     im = imatrix_for(imatrix, {t.name: t.shape for t in info.tensors if is_quantizable(t.name, t.ne)}) \
         if imatrix is not None else None
     architecture(info, src)
@@ -160,7 +168,7 @@ def show_plan(model: str, plan: str, overrides: tuple[str, ...] = (), imatrix: b
     info = validate(gguf_path(model))
     p = parse_plan(plan, overrides)
     tensors = [(t.name, t.ne, type_name(t.ggml_type)) for t in info.tensors]
-    types = p.types(tensors, imatrix=imatrix)
+    types = _types(model, p, tensors, imatrix)
     rows = [f"{'tensor':<34} {'shape (ne)':<16} {'source':>7} {'planned':>8} {'MB':>9}"]
     total = 0.0
     for t in info.tensors:

@@ -45,10 +45,15 @@ class TrainConfig:
     temperature: float = 1.0  # KD temperature
     ce_weight: float = 0.0  # weight of next-token cross-entropy mixed into the KD loss
     kd_chunk: int = 128  # positions per chunk of the vocabulary-sized KD computation
+    kd_on: str = "all"  # positions distilled: all | assistant (chat JSONL: those whose next token is an assistant
+    #                     turn's, content and end-of-turn token; qatlm.train.chat. Sampled --data-free text: all)
     fake_quant_after: int = 0  # steps of plain KD before fake quant is switched on
     snap: float = 0.05  # move weights this fraction toward their PTQ value before training (0: off)
     train_embeddings: bool = True  # also train the (tied) embedding
     heldout_fraction: float = 0.05  # token blocks kept out of training, for validation
+    eval_every: int = 10  # held-out KD KL every N steps and at the last one, "heldout_kl" in metrics.jsonl (0: off);
+    #                       with budget_minutes also at step 2, whose eval time then counts against the budget
+    eval_blocks: int = 4  # held-out blocks it is measured on (a fixed subset spread over heldout.pt): cheap
     save_every: int = 50  # checkpoint every N steps (and at the end)
     seed: int = 0
     threads: int | None = None  # CPU threads (default: torch's)
@@ -60,6 +65,8 @@ class TrainConfig:
     #                          | bf16 | fp32; latent weights, fake quant, softmax and optimizer stay fp32
     teacher_precision: str = "auto"  # the teacher's forward (and --data-free sampling): auto (= precision) | bf16 | fp32
     shard_teacher: bool = False  # under torchrun: FSDP2-shard the teacher's layers too (default: replicate it)
+    teacher_cache: str | None = None  # a `qatlm teacher-cache` directory: the teacher's top-k outputs come from it, and
+    #                                   the teacher is freed once the student is built (qatlm.train.teacher_cache)
 
     def validate(self) -> "TrainConfig":
         if self.steps < 1 or self.seq_len < 8 or self.batch_size < 1 or self.grad_accum < 1 or self.save_every < 1:
@@ -74,6 +81,14 @@ class TrainConfig:
             raise ValueError(f"sampled_fraction must be in (0, 1), got {self.sampled_fraction}")
         if self.data and self.data_free == 1:
             raise ValueError("data_free must be 0 (off) or >= 2 sequences to mix into the corpus")
+        if self.kd_on not in ("all", "assistant"):
+            raise ValueError(f"kd_on must be all or assistant, got {self.kd_on!r}")
+        if self.kd_on == "assistant" and not self.data:
+            raise ValueError("kd_on assistant distills the assistant turns of chat JSONL: give --data FILES.jsonl "
+                             "with {\"messages\": [...]} rows, or use --kd-on all")
+        if self.eval_every < 0 or self.eval_blocks < 1:
+            raise ValueError(f"eval_every must be >= 0 (0: off) and eval_blocks >= 1, got {self.eval_every} and "
+                             f"{self.eval_blocks}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
         for key in ("precision", "teacher_precision"):
@@ -81,12 +96,17 @@ class TrainConfig:
                 raise ValueError(f"{key} must be auto, bf16 or fp32, got {getattr(self, key)!r}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
+        if self.teacher_cache and self.temperature != 1.0:
+            raise ValueError(f"temperature {self.temperature} with teacher_cache: the cache holds the teacher at "
+                             "temperature 1 only (exact KD at T != 1 needs every logit); use temperature 1, or train "
+                             "without --teacher-cache")
         return self
 
 
 # what a resumed run may not change: the model, the data and the data order it was trained on
 FIXED_ON_RESUME = ("teacher", "data", "data_free", "sampled_fraction", "plan", "overrides", "imatrix", "seq_len",
-                   "batch_size", "grad_accum", "seed", "heldout_fraction", "snap", "train_embeddings", "lora_rank", "lora_alpha")
+                   "batch_size", "grad_accum", "seed", "heldout_fraction", "kd_on", "snap", "train_embeddings",
+                   "lora_rank", "lora_alpha", "teacher_cache")
 RECIPES = Path(str(resources.files("qatlm.recipes")))
 
 

@@ -1,12 +1,18 @@
 """Training text -> packed token blocks [N, seq_len], with a deterministic held-out split.
 
 Sources: .txt files (one document each), .jsonl (a "text" field, or chat "messages" rendered with the
-tokenizer's chat template), .parquet (a "text" column); a directory means every such file in it, sorted.
-Each document is tokenized once (BOS first when the tokenizer has one, EOS last), the stream is cut into
-blocks of seq_len whose first token is replaced by BOS, and a seeded permutation sets heldout_fraction of the blocks aside. Token ids are cached
-per file (keyed by the file's content, how it is read (.txt / .jsonl / .parquet) and the tokenizer) so a resumed or
-repeated run does not re-tokenize. Every file is checked to be a regular file before it is opened (a FIFO would
-block), and a bad row is an error naming the file and the line.
+teacher's chat template: qatlm.train.chat), .parquet (a "text" column); a directory means every such file in it,
+sorted. Each document is tokenized once (BOS first when the tokenizer has one, EOS last), the stream is cut into
+blocks of seq_len whose first token is replaced by BOS, and a seeded permutation sets heldout_fraction of the blocks
+aside. Token ids are cached per file (keyed by the file's content, how it is read (.txt / .jsonl / .parquet), the
+tokenizer, its chat template and kd_on) so a resumed or repeated run does not re-tokenize. Every file is checked
+to be a regular file before it is opened (a FIFO would block), and a bad row is an error naming the file and the
+line.
+
+kd_on="assistant" (chat JSONL only): which tokens an assistant turn produced travels with the tokens, in their
+sign: such a token is stored as its id, every other one as -1 - id (a position is distilled when its next token
+is an assistant token). Streams, blocks and heldout.pt keep that encoding, so packing, the held-out split and
+batching need nothing else; `split_mask` turns blocks into (ids, mask) for the loss.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import torch
 
 from ..atomic import atomic_file
 from ..sources import regular_file
+from .chat import chat_tokens
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -57,7 +64,7 @@ def _text(value, where: str, what: str = "'text'") -> str:
     return value
 
 
-def _jsonl(path: Path, tokenizer) -> list[str]:
+def _jsonl(path: Path, tokenizer, kd_on: str = "all") -> list:
     raw = path.read_bytes()
     docs = []
     for i, bline in enumerate(raw.splitlines(), 1):
@@ -78,30 +85,24 @@ def _jsonl(path: Path, tokenizer) -> list[str]:
             raise ValueError(f"{where}: a JSONL row must be an object with 'text' or 'messages', got a "
                              f"{type(row).__name__}; fix that row")
         if "text" in row:
+            if kd_on == "assistant":
+                raise ValueError(f"{where}: a 'text' row has no assistant turns for --kd-on assistant; give chat "
+                                 "rows ({\"messages\": [...]}) or use --kd-on all")
             docs.append(_text(row["text"], where))
-        elif "messages" in row:
-            msgs = row["messages"]
-            if not isinstance(msgs, list) or not msgs or not all(
-                    isinstance(m, dict) and isinstance(m.get("role"), str) for m in msgs):
-                raise ValueError(f"{where}: 'messages' must be a list of objects with a string 'role' and "
-                                 "'content'; fix that row")
-            for m in msgs:
-                _text(m.get("content"), where, "a message's 'content'")
-            try:
-                docs.append(_text(tokenizer.apply_chat_template(msgs, tokenize=False), where, "the rendered chat"))
-            except ValueError as e:
-                raise ValueError(f"{where}: {e}") from None
-            except Exception as e:  # jinja2 errors of the tokenizer's chat template
-                raise ValueError(f"{where}: the tokenizer's chat template cannot render these messages "
-                                 f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); fix that row") from None
+        elif "messages" in row:  # (token ids, assistant mask or None)
+            docs.append(chat_tokens(tokenizer, row["messages"], where, kd_on == "assistant"))
         else:
             raise ValueError(f"{where}: a JSONL row needs 'text' or 'messages'")
     return docs
 
 
-def documents(path: Path, tokenizer) -> list[str]:
+def documents(path: Path, tokenizer, kd_on: str = "all") -> list:
+    """The file's documents: text (str), or for chat rows (token ids, per token: in an assistant turn)."""
     if path.suffix == ".jsonl":
-        return _jsonl(path, tokenizer)
+        return _jsonl(path, tokenizer, kd_on)
+    if kd_on == "assistant":
+        raise ValueError(f"{path}: --kd-on assistant distills the assistant turns of chat JSONL ({{\"messages\": "
+                         "[...]} rows); this text file has none. Give chat .jsonl files, or use --kd-on all")
     if path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
@@ -121,7 +122,7 @@ def documents(path: Path, tokenizer) -> list[str]:
 
 
 # bump when the way a file becomes tokens changes: cached ids from older rules are not reused
-TOKENIZE_VERSION = 2
+TOKENIZE_VERSION = 3  # 3: a chat template's own BOS is not doubled; kd_on
 
 
 def reader_kind(path: Path) -> str:
@@ -130,21 +131,31 @@ def reader_kind(path: Path) -> str:
     return {".jsonl": "jsonl", ".parquet": "parquet"}.get(path.suffix, "text")
 
 
-def tokenize_file(path: Path, tokenizer, cache: Path | None) -> np.ndarray:
-    key = hashlib.sha256(f"qatlm-tokens v{TOKENIZE_VERSION} {reader_kind(path)}\n".encode() + path.read_bytes()
+def tokenize_file(path: Path, tokenizer, cache: Path | None, kd_on: str = "all") -> np.ndarray:
+    """The file's token stream (assistant mode: sign-encoded, module docstring), from the cache when there."""
+    kind = reader_kind(path)
+    template = str(getattr(tokenizer, "chat_template", "")) if kind == "jsonl" else ""
+    key = hashlib.sha256(f"qatlm-tokens v{TOKENIZE_VERSION} {kind} {kd_on}\n".encode() + path.read_bytes()
                          + str(getattr(tokenizer, "name_or_path", "")).encode()
-                         + str(len(tokenizer)).encode()).hexdigest()[:32]
+                         + str(len(tokenizer)).encode() + template.encode()).hexdigest()[:32]
     cached = cache / f"{key}.npy" if cache else None
     if cached is not None and cached.is_file():
         return np.load(cached)
     ids: list[int] = []
-    for doc in documents(path, tokenizer):
+    counted: list[bool] = []  # per token: in an assistant turn (kd_on="assistant")
+    for doc in documents(path, tokenizer, kd_on):
+        toks, mask = (tokenizer(doc, add_special_tokens=False).input_ids, None) if isinstance(doc, str) else doc
         if tokenizer.bos_token_id is not None:
             ids.append(tokenizer.bos_token_id)
-        ids += tokenizer(doc, add_special_tokens=False).input_ids
+            counted.append(False)
+        ids += toks
+        counted += mask if mask is not None else [False] * len(toks)
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
+            counted.append(False)
     arr = np.asarray(ids, dtype=np.int64)
+    if kd_on == "assistant":
+        arr = np.where(np.asarray(counted, dtype=bool), arr, -1 - arr)
     if cached is not None:
         save_npy(cached, arr)
     return arr
@@ -157,15 +168,28 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def load_blocks(paths: list[str], tokenizer, seq_len: int, heldout_fraction: float = 0.05, seed: int = 0,
-                cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train blocks, held-out blocks), LongTensors [n, seq_len]."""
+                cache: Path | None = None, kd_on: str = "all") -> tuple[torch.Tensor, torch.Tensor]:
+    """(train blocks, held-out blocks), LongTensors [n, seq_len] (kd_on="assistant": sign-encoded, see
+    split_mask)."""
     from tqdm import tqdm
 
     files = expand(paths)
-    stream = np.concatenate([tokenize_file(f, tokenizer, cache) for f in tqdm(files, desc="tokenize", unit="file",
-                                                                             disable=len(files) < 4)])
+    stream = np.concatenate([tokenize_file(f, tokenizer, cache, kd_on)
+                             for f in tqdm(files, desc="tokenize", unit="file", disable=len(files) < 4)])
     where = f"in {', '.join(map(str, files))}" if len(files) <= 3 else f"in {len(files)} files ({files[0]}, ...)"
+    if kd_on == "assistant" and not (stream >= 0).any():
+        raise ValueError(f"no assistant turns {where}: --kd-on assistant distills only the tokens of "
+                         "'assistant' messages; add some, or use --kd-on all")
     return blocks_from_stream(stream, tokenizer, seq_len, heldout_fraction, seed, where)
+
+
+def split_mask(blocks: torch.Tensor, kd_on: str = "all") -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Blocks [B, T] -> (token ids [B, T], mask [B, T] bool: the token is an assistant turn's, or None when
+    kd_on is "all"). Ids are stored as -1 - id where the mask is off (module docstring)."""
+    if kd_on == "all":
+        return blocks, None
+    mask = blocks >= 0
+    return torch.where(mask, blocks, -1 - blocks), mask
 
 
 def held_out_count(n: int, heldout_fraction: float) -> int:

@@ -10,6 +10,9 @@ recomputes them (1.7x the step time of this version, measured while developing).
 
     loss = T^2 * KL(softmax(z_t / T) || softmax(z_s / T))   averaged over positions
            + ce_weight * cross-entropy(z_s, next token)
+
+With a token mask (--kd-on assistant: qatlm.train.chat), only positions whose next token is masked in count, for
+both terms, and the mean is over those positions; the others' rows are never passed to the head.
 """
 from __future__ import annotations
 
@@ -143,11 +146,14 @@ class _FusedHeadKD(torch.autograd.Function):
 
 def kd_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, temperature: float = 1.0,
             ce_weight: float = 0.0, chunk: int = 128,
-            dtype: torch.dtype = torch.float32, teacher_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, dict]:
+            dtype: torch.dtype = torch.float32, teacher_dtype: torch.dtype | None = None,
+            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Mean per-position loss over input_ids [B, T] and its parts {'kl', 'ce'} (floats, for logging).
 
     dtype: the matmuls' dtype for the student's body and both heads (bf16: under autocast; fp32: everything
-    fp32); teacher_dtype: the teacher body's (default: dtype)."""
+    fp32); teacher_dtype: the teacher body's (default: dtype). mask [B, T] bool (None: every position counts):
+    position t counts when mask[:, t + 1] (its target token is, e.g., an assistant turn's); the mean (KL and
+    CE) is over those positions, 0 when there are none."""
     arch.check_softcap(student)
     td = dtype if teacher_dtype is None else teacher_dtype
     with torch.no_grad(), torch.autocast(input_ids.device.type, dtype=td, enabled=td != torch.float32):
@@ -161,9 +167,14 @@ def kd_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, tem
     targets = torch.full_like(input_ids, -1)
     targets[:, :-1] = input_ids[:, 1:]
     H = h_s.shape[-1]
-    n_pos, n_tgt = input_ids.numel(), max(1, int((targets >= 0).sum()))
-    sums = _FusedHeadKD.apply(h_s.reshape(-1, H), w_s, h_t.reshape(-1, H), w_t, targets.reshape(-1),
-                              temperature, ce_weight * n_pos / n_tgt, chunk, dtype)
+    h_s, h_t, targets = h_s.reshape(-1, H), h_t.reshape(-1, H), targets.reshape(-1)
+    if mask is not None:  # only the counted positions' rows: [n_counted, H]
+        keep = torch.zeros_like(mask)
+        keep[:, :-1] = mask[:, 1:]
+        rows = keep.reshape(-1).nonzero().squeeze(1)
+        h_s, h_t, targets = h_s[rows], h_t[rows], targets[rows]
+    n_pos, n_tgt = max(1, targets.numel()), max(1, int((targets >= 0).sum()))
+    sums = _FusedHeadKD.apply(h_s, w_s, h_t, w_t, targets, temperature, ce_weight * n_pos / n_tgt, chunk, dtype)
     kl = sums[0] / n_pos  # differentiated: its gradient also carries the ce_weight part
     ce = sums[1].detach() / n_tgt
     loss = kl + ce_weight * ce if ce_weight else kl

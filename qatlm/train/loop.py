@@ -6,7 +6,8 @@
 
 `train()` reads top to bottom in named stages: setup, teacher, data, student, optimizer, (resume), loop,
 checkpoint. A run directory holds config.yaml (the merged config: qatlm.train.config), metrics.jsonl (one line
-per step), checkpoint/ (qatlm.train.checkpoint) and heldout.pt (the held-out token blocks). The data order is a
+per step; every eval_every steps it also holds heldout_kl, qatlm.train.heldout), checkpoint/
+(qatlm.train.checkpoint) and heldout.pt (the held-out token blocks). The data order is a
 pure function of (seed, epoch) (`batch_indices`) and the learning rate of the step (`lr_at`), so a resumed run
 continues exactly where the checkpoint was taken: on CPU bit-identical to an uninterrupted run (tested). A
 NaN/inf loss stops the run with a message; the last good checkpoint is kept. Under torchrun the same loop runs
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -31,13 +33,14 @@ from tqdm import tqdm
 
 from ..atomic import atomic_write_text
 from ..cli import command
-from ..student import add_lora, convert, prepare, set_fake_quant, snap_toward_grid_
+from ..student import add_lora, convert, plan_types, prepare, set_fake_quant, snap_toward_grid_
 from ..teacher import Teacher, load_teacher
 from . import config as C
 from . import dist
 from .checkpoint import checkpoint_dir, checkpoint_step, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import blocks_from_stream, held_out_count, load_blocks
+from .data import blocks_from_stream, held_out_count, load_blocks, split_mask
+from .heldout import eval_subset, heldout_kl, is_eval_step
 from .kd_loss import kd_loss
 from .synthetic import synthetic_stream
 
@@ -91,6 +94,10 @@ def build_student(cfg: TrainConfig, teacher_model: torch.nn.Module) -> torch.nn.
     Used by training and by load_run (whose checkpoint then overwrites every weight)."""
     student = copy.deepcopy(teacher_model)
     im = load_imatrix(cfg, student)
+    try:  # a plan that does not fit the model's shapes: say which model
+        plan_types(student, cfg.plan, tuple(cfg.overrides), im)
+    except ValueError as e:
+        raise ValueError(f"{cfg.teacher}: {e}") from None
     if cfg.snap:
         snap_toward_grid_(student, cfg.plan, cfg.snap, tuple(cfg.overrides), im)
     prepare(student, cfg.plan, tuple(cfg.overrides), im)
@@ -128,7 +135,7 @@ def training_blocks(cfg: TrainConfig, run: Path, teacher: Teacher, ctx: dist.Con
                                         "sampled"))
     if cfg.data:
         parts.append(load_blocks(cfg.data, teacher.tokenizer, cfg.seq_len, cfg.heldout_fraction, cfg.seed,
-                                 cache=run / "tokens"))
+                                 cache=run / "tokens", kd_on=cfg.kd_on))
     if len(parts) == 1:
         return parts[0]
     assert len(parts[0][0]) == sampled_first(cfg)
@@ -182,22 +189,35 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
 
     # teacher
     t = teacher if teacher is not None else _main_first(ctx, lambda: load_teacher(cfg.teacher))
-    t.model.eval().to(ctx.device).requires_grad_(False)
+    cpu = cfg.teacher_cache and not cfg.data_free  # a cached teacher only seeds the student: never on the GPU
+    t.model.eval().to("cpu" if cpu else ctx.device).requires_grad_(False)
 
     # data
     train_blocks, held = _main_first(ctx, lambda: training_blocks(cfg, run, t, ctx))
     if ctx.main:
         torch.save(held, run / "heldout.pt")
+    held_eval = eval_subset(held, cfg.eval_blocks)  # the fixed blocks of the held-out KL (qatlm.train.heldout)
+    dtype, t_dtype = dtypes(cfg, ctx.device)  # bf16 matmuls where the hardware has them
+    cache = None
+    if cfg.teacher_cache:  # the teacher's outputs come from a top-k cache, checked against this run here
+        from .teacher_cache import TeacherCache
+
+        cache = TeacherCache.open(cfg.teacher_cache, cfg, t, train_blocks, held_eval, ctx.device)
 
     # student
     student = build_student(cfg, t.model).to(ctx.device)
+    teacher_model = t.model
+    if cache is not None:  # not needed any more: drop it (its memory is freed unless the caller holds it)
+        t = teacher_model = None
+        gc.collect()
 
-    dtype, t_dtype = dtypes(cfg, ctx.device)  # bf16 matmuls where the hardware has them
+    def loss_fn(s, tch, blocks):  # blocks as stored: with kd_on=assistant the mask travels in them (data.py)
+        ids, mask = split_mask(blocks, cfg.kd_on)
+        if cache is not None:
+            return cache.kd_loss(s, blocks, ids, cfg.ce_weight, cfg.kd_chunk, dtype, mask)
+        return kd_loss(s, tch, ids, cfg.temperature, cfg.ce_weight, cfg.kd_chunk, dtype, t_dtype, mask=mask)
 
-    def loss_fn(s, tch, ids):
-        return kd_loss(s, tch, ids, cfg.temperature, cfg.ce_weight, cfg.kd_chunk, dtype, t_dtype)
-
-    kd_step = (dist.shard(dist.KDStep(student, t.model, loss_fn, cfg.shard_teacher), ctx)
+    kd_step = (dist.shard(dist.KDStep(student, teacher_model, loss_fn, cfg.shard_teacher), ctx)
                if ctx.distributed else None)
 
     # optimizer
@@ -230,7 +250,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                 idx = batch_indices(len(train_blocks), step, micro, cfg.batch_size, cfg.grad_accum, cfg.seed,
                                     sampled_first(cfg), cfg.sampled_fraction)
                 ids = train_blocks[idx[ctx.rank::ctx.world]].to(ctx.device)  # this process's share
-                loss, parts = kd_step(ids) if kd_step is not None else loss_fn(student, t.model, ids)
+                loss, parts = kd_step(ids) if kd_step is not None else loss_fn(student, teacher_model, ids)
                 if dist.mean_over_ranks(ctx, [float(not torch.isfinite(loss))])[0]:
                     raise FloatingPointError(
                         f"loss is {float(loss.detach())} at step {step + 1}; the run stopped and {run}/checkpoint "
@@ -246,17 +266,29 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             kl, ce, dt = dist.mean_over_ranks(ctx, [kl, ce, dt])
             rec = {"step": step, "loss": kl + cfg.ce_weight * ce, "kl": kl, "ce": ce, "lr": lr, "grad_norm": gnorm,
                    "fake_quant": step > cfg.fake_quant_after, "seconds": dt, "tokens_per_s": tokens_per_step / dt}
-            metrics.write(json.dumps(rec) + "\n")
-            metrics.flush()
             bar.update()
             bar.set_postfix(kl=f"{kl:.4f}", ce=f"{ce:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-            if cfg.budget_minutes and step == 2 and not resume:  # step 1 includes one-time compile costs
-                fit = steps_for_budget(cfg.budget_minutes, dt, cfg.steps)  # dt: the same mean on every process
+            sizing = cfg.budget_minutes and step == 2 and not resume  # step 1 includes one-time compile costs
+            evals = len(held_eval) > 0 and cfg.eval_every > 0
+            eval_s = 0.0
+            if evals and (sizing or is_eval_step(step, cfg.steps, cfg.eval_every)):  # sizing: its time is measured
+                t1 = time.perf_counter()
+                fn = kd_step if kd_step is not None else (lambda b: loss_fn(student, teacher_model, b))
+                value = heldout_kl(fn, student, held_eval, max(1, cfg.batch_size // ctx.world), cfg.kd_on,
+                                   ctx.device)  # every process: all the blocks (FSDP's collectives stay in step)
+                if value is not None:
+                    rec["heldout_kl"] = dist.mean_over_ranks(ctx, [value])[0]
+                eval_s = time.perf_counter() - t1
+            if sizing:  # the held-out evals' share counts against the budget too (dt, eval_s: means over processes)
+                per_step = dt + (dist.mean_over_ranks(ctx, [eval_s])[0] / cfg.eval_every if evals else 0.0)
+                fit = steps_for_budget(cfg.budget_minutes, per_step, cfg.steps)
                 if fit < cfg.steps:  # the schedule's length (lr_at): saved, so that a resumed run keeps it
                     cfg = dataclasses.replace(cfg, steps=fit)
                     bar.total = fit
                     if ctx.main:
                         C.save(cfg, run)
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
 
             # checkpoint
             if step % cfg.save_every == 0 or step == cfg.steps:
@@ -302,9 +334,15 @@ TRAIN_FLAGS = {
                     "the run directory); with --data they are mixed in, --sampled-fraction of every batch"),
     "--sampled-fraction": ("sampled_fraction", float, "with --data and --data-free: the share of every batch that "
                            "is teacher-sampled text"),
+    "--kd-on": ("kd_on", str, "positions distilled: all, or assistant (chat JSONL: only where the next token is an "
+                "assistant turn's)"),
+    "--eval-every": ("eval_every", int, "held-out KD KL every N steps and at the last (heldout_kl in metrics.jsonl; "
+                     "0: off)"),
     "--lora": ("lora_rank", int, "train LoRA adapters of this rank inside the fake quantizer instead of every weight"),
     "--imatrix": ("imatrix", str, "an imatrix file: fake quant and export use llama-quantize --imatrix's rule, so the "
                   "student starts at imatrix PTQ and the GGUF is that rule applied to the trained weights"),
+    "--teacher-cache": ("teacher_cache", str, "a `qatlm teacher-cache` directory of the teacher's top-k outputs on "
+                        "these blocks: no teacher forward, and no teacher in memory, while training"),
 }
 
 
