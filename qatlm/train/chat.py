@@ -49,17 +49,24 @@ def check_messages(msgs, where: str) -> list[dict]:
         if role not in ROLES:
             raise ValueError(f"{at}: unknown role {role!r}; use one of {', '.join(ROLES)}")
         content = m.get("content")
-        if not isinstance(content, str):
-            raise ValueError(f"{at}: 'content' is {'missing' if content is None else 'a ' + type(content).__name__}"
-                             "; it must be a string (text only); fix that row")
-        if not content.strip():
+        if content is None:
+            raise ValueError(f"{at}: 'content' is missing; it must be a string (text only); fix that row")
+        if not text_value(content, at + ":", "'content'").strip():
             raise ValueError(f"{at} ({role}) has empty 'content'; drop the message or the row")
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise ValueError(f"{at}: 'content' holds an invalid character ({e.reason}: a lone surrogate escape such "
-                             f"as \\ud800 at position {e.start}); fix that row") from None
     return msgs
+
+
+def text_value(value, where: str, what: str = "'text'") -> str:
+    """A text field of a data row (a document's 'text', a message's 'content'): a str that UTF-8 can encode
+    (json.loads lets lone surrogates such as "\\ud800" through). ValueError naming `where` otherwise."""
+    if not isinstance(value, str):
+        raise ValueError(f"{where} {what} is a {type(value).__name__}, not a string; fix that row")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} {what} holds an invalid character ({e.reason}: a lone surrogate escape such as "
+                         f"\\ud800 at position {e.start}); fix that row") from None
+    return value
 
 
 def render(tokenizer, msgs: list[dict], where: str, add_generation_prompt: bool = False) -> str:

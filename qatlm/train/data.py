@@ -26,7 +26,7 @@ import torch
 
 from ..atomic import atomic_file
 from ..sources import regular_file
-from .chat import chat_tokens
+from .chat import chat_tokens, text_value
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -50,18 +50,6 @@ def expand(paths: list[str]) -> list[Path]:
     if not files:
         raise ValueError(f"no training files ({', '.join(SUFFIXES)}) in {paths}; give --data FILES_OR_DIRS")
     return files
-
-
-def _text(value, where: str, what: str = "'text'") -> str:
-    """A document: a str that UTF-8 can encode (json.loads lets lone surrogates such as "\ud800" through)."""
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: {what} is a {type(value).__name__}, not a string; fix that row")
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"{where}: {what} holds an invalid character ({e.reason}: a lone surrogate escape such as "
-                         f"\\ud800 at position {e.start}); fix that row") from None
-    return value
 
 
 def _jsonl(path: Path, tokenizer, kd_on: str = "all") -> list:
@@ -88,7 +76,7 @@ def _jsonl(path: Path, tokenizer, kd_on: str = "all") -> list:
             if kd_on == "assistant":
                 raise ValueError(f"{where}: a 'text' row has no assistant turns for --kd-on assistant; give chat "
                                  "rows ({\"messages\": [...]}) or use --kd-on all")
-            docs.append(_text(row["text"], where))
+            docs.append(text_value(row["text"], where + ":"))
         elif "messages" in row:  # (token ids, assistant mask or None)
             docs.append(chat_tokens(tokenizer, row["messages"], where, kd_on == "assistant"))
         else:
@@ -114,7 +102,7 @@ def documents(path: Path, tokenizer, kd_on: str = "all") -> list:
             raise ValueError(f"{path}: not a readable parquet file ({type(e).__name__}: {e}); re-export it") from None
         if "text" not in table.column_names:
             raise ValueError(f"{path}: no 'text' column (columns: {table.column_names})")
-        return [_text(t, f"{path}: row {i}") for i, t in enumerate(table.column("text").to_pylist()) if t]
+        return [text_value(t, f"{path}: row {i}:") for i, t in enumerate(table.column("text").to_pylist()) if t]
     try:
         return [path.read_text(encoding="utf-8")]
     except UnicodeDecodeError as e:

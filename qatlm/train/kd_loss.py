@@ -93,41 +93,37 @@ def _chunk_fn(z: torch.Tensor):
     return _compiled_chunk
 
 
-class _FusedHeadKD(torch.autograd.Function):
-    """Sum over positions of T^2 KL(p_t || p_s) + ce_weight * CE, for z = h @ W^T computed chunk by chunk.
-
-    The loss is a scalar, so its gradient with respect to a chunk's logits is known in the forward pass:
-    dL/dz_s = T (softmax(z_s/T) - p_t) + ce_weight (softmax(z_s) - onehot). It is reduced at once into
-    dL/dh (= dz @ W) and dL/dW (+= dz^T @ h); only those are kept for backward. Per chunk: 3 matmuls (4 when W
-    is trained) and no [positions, vocab] tensor outlives its chunk. Without softcapping only (Gemma 3 has none).
-
-    The matmuls run in `dtype` (bf16 where the hardware has it: the head is most of a small model's FLOPs;
-    bf16 logits move KL(p_fp32 || p_bf16) by ~4e-4 per token on Gemma 3 270M, ~0.1% of a Q4_0 student's KL);
-    logits are upcast, and softmax, KL, CE and the gradients' accumulation are fp32.
-    """
+class FusedHead(torch.autograd.Function):
+    """Base of the fused, chunked output-projection losses (full KD here, top-k KD in qatlm.train.topk_kd): the
+    loss is a scalar, so its gradient with respect to a chunk's logits is known in the forward pass. `run` reduces
+    each chunk's dL/dz at once into dL/dh (= dz @ W) and dL/dW (+= dz^T @ h) and keeps only those for backward."""
 
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, targets, temperature, ce_scale, chunk, dtype):
-        """ce_scale: the CE weight in units of the KL sum (ce_weight * n_positions / n_targets)."""
+    def run(ctx, h_s, w_s, targets, ce_scale, chunk, dtype, chunk_loss):
+        """Sum over positions of the loss + ce_scale * CE for z_s = h_s @ w_s^T, `chunk` rows at a time.
+
+        chunk_loss(rows: slice, z_s [c, V] in dtype, valid [c] float) -> (loss sum, fp32 [c] log-sum-exp of z_s,
+        dL/dz_s without CE's one-hot part): the one piece that differs between the losses. Returns the fp32
+        [loss sum, CE sum] that forward returns; the gradients go to ctx for `backward`."""
         n = h_s.shape[0]
         grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=h_s.device)
         grad_w = torch.zeros_like(w_s, dtype=torch.float32) if ctx.needs_input_grad[1] else None
         kl_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
         ce_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
-        ws, wt = w_s.detach().to(dtype), w_t.to(dtype)
+        ws = w_s.detach().to(dtype)
         with torch.autocast(h_s.device.type, enabled=False):  # dtypes are explicit here
             for a in range(0, n, chunk):
-                hs, ht, tg = h_s[a:a + chunk].detach().to(dtype), h_t[a:a + chunk].to(dtype), targets[a:a + chunk]
-                z_s, z_t = hs @ ws.T, ht @ wt.T  # [c, V] in dtype
+                hs, tg = h_s[a:a + chunk].detach().to(dtype), targets[a:a + chunk]
+                z_s = hs @ ws.T  # [c, V] in dtype
                 valid = tg >= 0
-                kl, lse1, dz = _chunk_fn(z_s)(z_s, z_t, valid.float(), float(temperature), float(ce_scale))
+                kl, lse1, dz = chunk_loss(slice(a, a + chunk), z_s, valid.float())
                 kl_sum += kl.double()
                 rows = torch.arange(len(tg), device=tg.device)
                 picked = tg.clamp(min=0)
                 ce_sum += -((z_s[rows, picked].float() - lse1) * valid).sum().double()  # CE at T = 1
                 if ce_scale:  # the one-hot part of ce_scale (softmax(z_s) - onehot), on positions with a target
                     dz[rows, picked] -= (ce_scale * valid).to(dz.dtype)
-                del z_s, z_t
+                del z_s
                 grad_h[a:a + chunk] = dz @ ws
                 if grad_w is not None and dtype == torch.float32:
                     grad_w.addmm_(dz.T, hs)
@@ -140,8 +136,31 @@ class _FusedHeadKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         grad_h, grad_w = ctx.saved_tensors
-        gk = g[0]  # only the KL sum (and the ce_weight part folded into it) is differentiated
-        return (grad_h * gk, (grad_w * gk) if ctx.has_w else None, None, None, None, None, None, None, None)
+        gk = g[0]  # only the loss sum (and the ce_scale part folded into it) is differentiated
+        return (grad_h * gk, (grad_w * gk) if ctx.has_w else None) + (None,) * (ctx.n_inputs - 2)
+
+
+class _FusedHeadKD(FusedHead):
+    """Sum over positions of T^2 KL(p_t || p_s) + ce_weight * CE, for z = h @ W^T computed chunk by chunk.
+
+    dL/dz_s = T (softmax(z_s/T) - p_t) + ce_weight (softmax(z_s) - onehot). Per chunk: 3 matmuls (4 when W is
+    trained) and no [positions, vocab] tensor outlives its chunk. Without softcapping only (Gemma 3 has none).
+
+    The matmuls run in `dtype` (bf16 where the hardware has it: the head is most of a small model's FLOPs;
+    bf16 logits move KL(p_fp32 || p_bf16) by ~4e-4 per token on Gemma 3 270M, ~0.1% of a Q4_0 student's KL);
+    logits are upcast, and softmax, KL, CE and the gradients' accumulation are fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, h_t, w_t, targets, temperature, ce_scale, chunk, dtype):
+        """ce_scale: the CE weight in units of the KL sum (ce_weight * n_positions / n_targets)."""
+        ctx.n_inputs = 9
+        wt = w_t.to(dtype)
+
+        def chunk_loss(rows, z_s, valid):
+            z_t = h_t[rows].to(dtype) @ wt.T  # [c, V] in dtype (autocast is off inside run)
+            return _chunk_fn(z_s)(z_s, z_t, valid, float(temperature), float(ce_scale))
+        return FusedHead.run(ctx, h_s, w_s, targets, ce_scale, chunk, dtype, chunk_loss)
 
 
 def kd_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, temperature: float = 1.0,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import arch
-from .kd_loss import frozen_cast, head_weight
+from .kd_loss import FusedHead, frozen_cast, head_weight
 
 
 def _topk_chunk(z_s: torch.Tensor, lp_k: torch.Tensor, idx: torch.Tensor, lp_r: torch.Tensor, valid: torch.Tensor,
@@ -55,46 +55,17 @@ def _topk_chunk(z_s: torch.Tensor, lp_k: torch.Tensor, idx: torch.Tensor, lp_r: 
     return kl, lse, dz.to(z_s.dtype)
 
 
-class _FusedHeadTopK(torch.autograd.Function):
-    """Sum over positions of KL_K + ce_scale * CE for z = h @ W^T, chunk by chunk (see _FusedHeadKD in
-    qatlm.train.kd_loss: the same scheme with the teacher's logits replaced by the cached top k)."""
+class _FusedHeadTopK(FusedHead):
+    """Sum over positions of KL_K + ce_scale * CE for z = h @ W^T, chunk by chunk (qatlm.train.kd_loss.FusedHead:
+    the same scheme as full KD, with the teacher's logits replaced by the cached top k)."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, lp_k, idx, lp_r, targets, ce_scale, chunk, dtype):
-        n = h_s.shape[0]
-        grad_h = torch.empty(h_s.shape, dtype=torch.float32, device=h_s.device)
-        grad_w = torch.zeros_like(w_s, dtype=torch.float32) if ctx.needs_input_grad[1] else None
-        kl_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
-        ce_sum = torch.zeros((), dtype=torch.float64, device=h_s.device)
-        ws = w_s.detach().to(dtype)
-        with torch.autocast(h_s.device.type, enabled=False):  # dtypes are explicit here
-            for a in range(0, n, chunk):
-                hs, tg = h_s[a:a + chunk].detach().to(dtype), targets[a:a + chunk]
-                z_s = hs @ ws.T  # [c, V] in dtype
-                valid = tg >= 0
-                kl, lse1, dz = _topk_chunk(z_s, lp_k[a:a + chunk], idx[a:a + chunk].long(), lp_r[a:a + chunk],
-                                           valid.float(), float(ce_scale))
-                kl_sum += kl.double()
-                rows = torch.arange(len(tg), device=tg.device)
-                picked = tg.clamp(min=0)
-                ce_sum += -((z_s[rows, picked].float() - lse1) * valid).sum().double()
-                if ce_scale:
-                    dz[rows, picked] -= (ce_scale * valid).to(dz.dtype)
-                del z_s
-                grad_h[a:a + chunk] = dz @ ws
-                if grad_w is not None and dtype == torch.float32:
-                    grad_w.addmm_(dz.T, hs)
-                elif grad_w is not None:  # bf16 product, fp32 accumulation
-                    grad_w.add_(dz.T @ hs)
-        ctx.save_for_backward(grad_h.to(h_s.dtype), grad_w if grad_w is not None else torch.empty(0))
-        ctx.has_w = grad_w is not None
-        return torch.stack([kl_sum.float(), ce_sum.float()])
+        ctx.n_inputs = 9
 
-    @staticmethod
-    def backward(ctx, g):
-        grad_h, grad_w = ctx.saved_tensors
-        gk = g[0]
-        return (grad_h * gk, (grad_w * gk) if ctx.has_w else None, None, None, None, None, None, None, None)
+        def chunk_loss(rows, z_s, valid):
+            return _topk_chunk(z_s, lp_k[rows], idx[rows].long(), lp_r[rows], valid, float(ce_scale))
+        return FusedHead.run(ctx, h_s, w_s, targets, ce_scale, chunk, dtype, chunk_loss)
 
 
 def topk_kd_loss(student: nn.Module, cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor], input_ids: torch.Tensor,
