@@ -61,6 +61,10 @@ class BlockFormat(ABC):
     # "row": the block weights also need the mean x^2 of the block's whole row (Q4_0/Q5_0/Q4_1/Q5_1);
     # "block": the block alone (K-quants); "ignored": ggml drops it (Q8_0); None: not implemented here.
     imatrix_use: ClassVar[str | None] = None
+    # (x, w [block_size, S]: blocks and their _weighted.block_weights) -> fake-quantized values [block_size, S]
+    # with the imatrix rule, in column layout: formats that define it run training's imatrix fake quant compiled
+    # (see _kernels)
+    fake_imatrix_columns: ClassVar = None
 
     @property
     def bits_per_weight(self) -> float:

@@ -10,9 +10,15 @@ without it, Inductor drops the fp32 -> fp16 -> fp32 round trip and fake quant dr
 
 The search formats (the K-quants, IQ4_NL, IQ4_XS) always run eager: their searches unroll into graphs of thousands of
 nodes that Inductor takes minutes to compile (162 s for Q4_K, measured) for a 2x gain.
-With an importance matrix (run_imatrix) every tensor takes the eager exact path. A compiled Q4_0/Q5_0 imatrix
-kernel was tried (2x faster than the eager search); it matched libggml when run alone but not on the
-extreme-magnitude case family after other compiled kernels had run in the same process, so it is not used.
+With an importance matrix (run_imatrix) the exact rules run; for Q4_0/Q5_0 (the default QAT job's imatrix rule,
+whose fake quant runs on every weight at every step) they are compiled on large CPU tensors for training's fake
+quant: make_qx_quants keeps its 19 grids as one [19, blocks] state updated element by element (_weighted), a
+graph of a few hundred pointwise nodes that Inductor fuses into one loop over the blocks (compiled once per
+machine: Inductor caches it on disk). An earlier compiled version, one grid at a time with amax/argmax
+reductions and clamp before nan_to_num, disagreed with libggml on extreme magnitudes; this one uses only
+pointwise steps whose fp32 semantics Inductor's C++ keeps (NaN handled before any min/max), and
+tests/test_formats_imatrix_compiled.py checks it against libggml byte for byte on every case family, after the
+other compiled kernels have run in the same process.
 Small tensors and CUDA use the eager kernels: compiling costs seconds once per process (less with
 Inductor's on-disk cache), and Triton fuses multiply-adds into FMAs by default, which would change
 rounding. QATLM_COMPILE=0 turns compilation off; if compilation itself fails (no C++ compiler), qatlm
@@ -27,11 +33,12 @@ from typing import Callable
 import torch
 
 from ._base import BlockFormat
-from ._weighted import row_sigma2
+from ._weighted import block_weights, row_sigma2
 
 COMPILE_MIN_ELEMENTS = 1 << 20  # below this, compile time is not paid back in one call
 EAGER_CHUNK = 1 << 18  # elements per eager step: intermediates stay cache-sized
 IMATRIX_CHUNK = 1 << 19  # elements per step of the imatrix searches, whose inner loops run row by row
+IMATRIX_COMPILE_MIN_ELEMENTS = 1 << 16  # one dynamic-shape graph serves every tensor of a run: compile it early
 COMPILED_CHUNK = 1 << 22  # elements per compiled step: bounds peak memory of the outputs
 
 FORCE_EXACT = False  # tests: run the exact branch-free rules (the CUDA path) on CPU for every block
@@ -73,17 +80,55 @@ def compile_enabled() -> bool:
     return os.environ.get("QATLM_COMPILE", "1") != "0" and not _compile_failed
 
 
+def _exact_inductor() -> None:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.enable_floating_point_contract_flag = "off"  # no FMA: exactness depends on it
+    # keep fp32 -> fp16 -> fp32 round trips of the scales: by default Inductor elides such casts
+    inductor_config.emulate_precision_casts = True
+
+
 def _compiled_kernel(f: BlockFormat, kind: str) -> Callable:
     key = (f.name, kind)
     if key not in _compiled:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.cpp.enable_floating_point_contract_flag = "off"  # no FMA: exactness depends on it
-        # keep fp32 -> fp16 -> fp32 round trips of the scales: by default Inductor elides such casts
-        inductor_config.emulate_precision_casts = True
+        _exact_inductor()
         fn = _FAST[kind]
         _compiled[key] = torch.compile(lambda x: fn(f, x), dynamic=True, fullgraph=True)
     return _compiled[key]
+
+
+def _imatrix_kernel(f: BlockFormat, kind: str, blocks, qw, sig):
+    codes = f.encode_imatrix(blocks, qw, sig)
+    return f.pack(codes) if kind == "quantize" else f.decode(codes)
+
+
+def _compiled_imatrix_fake(f: BlockFormat) -> Callable:
+    """(x [B, r, nb], qw [B, 1, nb], sigma2 [1, r, 1]) -> fake-quantized [B, r * nb]: column layout (block element
+    first), two compiled graphs, the block weights and then the search, so that the weights are computed once
+    (see _weighted.fake_symmetric_imatrix_columns)."""
+    key = (f.name, "fake+imatrix")
+    if key not in _compiled:
+        _exact_inductor()
+        weights = torch.compile(block_weights, dynamic=True, fullgraph=True)
+        search = torch.compile(lambda x, w: f.fake_imatrix_columns(x, w), dynamic=True, fullgraph=True)
+
+        def kernel(x, qw, sig):
+            bs = x.shape[0]
+            return search(x.view(bs, -1), weights(x, qw, sig).view(bs, -1))
+        _compiled[key] = kernel
+    return _compiled[key]
+
+
+def _call_compiled(kernel: Callable, *args):
+    """kernel(*args), or None after saying once that compilation is unavailable (the caller then runs eager)."""
+    global _compile_failed
+    try:
+        return kernel(*args)
+    except Exception as e:  # no compiler, unsupported platform: say so once, stay exact
+        _compile_failed = True
+        warnings.warn(f"qatlm: torch.compile unavailable ({type(e).__name__}: {str(e)[:200]}); "
+                      "using eager kernels (identical bytes, slower). Set QATLM_COMPILE=0 to skip trying.")
+        return None
 
 
 def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor) -> bool:
@@ -94,7 +139,6 @@ def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor) -> boo
     On CPU: the fast rules (torch.compile'd when enabled and the tensor is large), then the flagged corner
     blocks redone with the exact rules, so the result is exact. On CUDA: the exact, branch-free rules.
     """
-    global _compile_failed
     cpu = rows.device.type == "cpu"
     fast = cpu and not FORCE_EXACT
     use_compiled = fast and f.compile and compile_enabled() and rows.numel() >= COMPILE_MIN_ELEMENTS
@@ -104,15 +148,9 @@ def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor) -> boo
     for a in range(0, rows.shape[0], step):
         part = rows[a:a + step]
         part = (part if kind == "dequantize" else part.to(torch.float32)).reshape(-1, width)
-        result = None
-        if use_compiled:
-            try:
-                result = _compiled_kernel(f, kind)(part)
-            except Exception as e:  # no compiler, unsupported platform: say so once, stay exact
-                _compile_failed, use_compiled = True, False
-                warnings.warn(f"qatlm: torch.compile unavailable ({type(e).__name__}: {str(e)[:200]}); "
-                              "using eager kernels (identical bytes, slower). Set QATLM_COMPILE=0 to skip trying.")
+        result = _call_compiled(_compiled_kernel(f, kind), part) if use_compiled else None
         if result is None:
+            use_compiled = False
             result = (_FAST if fast else _EXACT)[kind](f, part)
         if isinstance(result, tuple):  # fast rules: redo the flagged corner blocks exactly
             result, fix, ok = result
@@ -126,25 +164,34 @@ def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor) -> boo
 
 def run_imatrix(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor, imatrix: torch.Tensor) -> bool:
     """As `run` ("quantize" or "fake"), with an importance matrix: imatrix fp32 [width], one weight per column,
-    on rows' device. Always the exact, branch-free rules (f.encode_imatrix), eager: the weighted searches are
-    long unrolled loops that torch.compile would take minutes to build. Returns whether rows were all finite
-    (checked on CPU only, as in `run`).
+    on rows' device. Always the exact, branch-free rules (f.encode_imatrix); for training's fake quant of Q4_0 /
+    Q5_0 on large CPU tensors, torch.compile'd (module docstring; the compile pays back within a training run,
+    while a one-off `quantize --imatrix` stays eager, whose cold call would not). Returns whether rows were all
+    finite (checked on CPU only, as in `run`).
     """
     width, bs = rows.shape[1], f.block_size
     nb = width // bs
     finite = True
+    use_compiled = (kind == "fake" and rows.device.type == "cpu" and f.fake_imatrix_columns is not None
+                    and compile_enabled() and rows.numel() >= IMATRIX_COMPILE_MIN_ELEMENTS)
     # the mean x^2 of each whole row (ggml quantize_row_q4_0_impl & co.), summed in C order over the row
     sigma2 = row_sigma2(rows.to(torch.float32)) if f.imatrix_use == "row" else None  # [R, 1]
-    step = max(1, IMATRIX_CHUNK // max(1, width))
+    step = max(1, (COMPILED_CHUNK if use_compiled else IMATRIX_CHUNK) // max(1, width))
     for a in range(0, rows.shape[0], step):
         part = rows[a:a + step].to(torch.float32)
         r = part.shape[0]
         if rows.device.type == "cpu":
             finite = finite and bool(torch.isfinite(part).all())
+        if use_compiled:  # column layout in and out (see _weighted.fake_symmetric_imatrix_columns)
+            x = part.view(r, nb, bs).permute(2, 0, 1).contiguous()  # [B, r, nb]
+            vals = _call_compiled(_compiled_imatrix_fake(f), x, imatrix.view(nb, bs).T.reshape(bs, 1, nb),
+                                  sigma2[a:a + r].view(1, r, 1))
+            if vals is not None:
+                out[a:a + r].view(r, nb, bs).copy_(vals.view(bs, r, nb).permute(1, 2, 0))
+                continue
+            use_compiled = False
         blocks = part.reshape(-1, bs)  # [r * nb, B]
         qw = imatrix.view(1, nb, bs).expand(r, nb, bs).reshape(-1, bs)
         sig = None if sigma2 is None else sigma2[a:a + r].expand(r, nb).reshape(-1, 1)
-        codes = f.encode_imatrix(blocks, qw, sig)
-        result = f.pack(codes) if kind == "quantize" else f.decode(codes)
-        out[a:a + step] = result.reshape(r, -1)
+        out[a:a + step] = _imatrix_kernel(f, kind, blocks, qw, sig).reshape(r, -1)
     return finite

@@ -23,6 +23,7 @@ blocks; branches become torch.where masks. Nothing here syncs with the host, so 
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ._base import Codes, signed_absmax
@@ -34,12 +35,23 @@ _MAGIC = 12582912.0  # 1.5 * 2^23, ggml's nearest_int constant
 # ---- per-row and per-block weights --------------------------------------------------------------
 
 def row_sigma2(rows: torch.Tensor) -> torch.Tensor:
-    """fp32 [R, C] -> [R, 1]: `sum_x2 += x[j]*x[j]` over the row in C order, then `sum_x2 / n_per_row`."""
-    acc = torch.zeros(rows.shape[0], dtype=torch.float32, device=rows.device)
-    for j in range(rows.shape[1]):  # sequential: fp32 sums depend on their order
-        col = rows[:, j]
-        acc += col * col
-    return (acc / float(rows.shape[1])).unsqueeze(1)
+    """fp32 [R, C] -> [R, 1]: `sum_x2 += x[j]*x[j]` over the row in C order, then `sum_x2 / n_per_row`.
+
+    Sequential, as fp32 sums depend on their order: on CPU numpy's running sum (add.accumulate: each partial sum
+    is an fp32 result, in order; torch.cumsum accumulates in double there), elsewhere column by column."""
+    R, C = rows.shape
+    if rows.device.type == "cpu":
+        acc = torch.empty(R, dtype=torch.float32)
+        step = max(1, (1 << 20) // max(1, C))
+        for a in range(0, R, step):
+            sq = (rows[a:a + step] * rows[a:a + step]).numpy()
+            acc[a:a + step] = torch.from_numpy(np.add.accumulate(sq, axis=1)[:, -1])
+    else:
+        acc = torch.zeros(R, dtype=torch.float32, device=rows.device)
+        for j in range(C):
+            col = rows[:, j]
+            acc += col * col
+    return (acc / float(C)).unsqueeze(1)
 
 
 def block_weights(x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
@@ -61,50 +73,70 @@ def _first_of_equals_cols(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.where(value == 0, x.gather(0, first).view(-1), value)
 
 
+def _signed_absmax_seq(x: torch.Tensor) -> torch.Tensor:
+    """[k, S] -> [S]: C's `if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max = x[i]; }` from amax = max = 0, row by
+    row: the first element of largest |x| (NaN is skipped, an all-zero column gives +0.0). Pointwise steps only,
+    so torch.compile fuses them into the search's loop."""
+    amax = torch.zeros_like(x[0])
+    mx = torch.zeros_like(x[0])
+    for i in range(x.shape[0]):
+        ax = x[i].abs()
+        take = ax > amax
+        amax = torch.where(take, ax, amax)
+        mx = torch.where(take, x[i], mx)
+    return mx
+
+
+def qx_steps(nmax: int) -> torch.Tensor:
+    """make_qx_quants' 19 grid numerators in C's order: -nmax (the first grid), then -(nmax + 0.1f*is) for
+    is = -9..-1, 1..9, each a C float expression. fp32 [19, 1]."""
+    vals = [float(-nmax)] + [-f32(nmax + f32(f32(0.1) * k)) for k in range(-9, 10) if k]
+    return torch.tensor(vals, dtype=torch.float32).view(-1, 1)
+
+
 def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
     """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw=w) on x, w: [n, S].
 
     Returns (scale [S], L [n, S] int32 in 0..2*nmax-1). A column whose largest |x| is below 1e-15 gets
     scale 0 and L = 0 (C returns early there).
+
+    All 19 grids are evaluated at once, as a [19, S] state updated once per element i in C's order (so every
+    fp32 sum is C's), then C's sequential choice of the best grid replays over the 19 rows. Every step is
+    pointwise: eager it is 19x fewer kernel launches than one grid at a time, and torch.compile (qatlm.formats.
+    _kernels.run_imatrix) fuses the element loop into one pass over the blocks.
     """
-    # NaN reaches this search only as a sub-block scale whose weighted sums overflowed (Q3_K's scales with an
-    # imatrix): C's max search skips it (`fabsf(NaN) > amax` is false) and nearest_int(NaN) is 0
-    mx = _signed_absmax_cols(torch.where(torch.isnan(x), torch.zeros_like(x), x))  # [S]
+    mx = _signed_absmax_seq(x)  # [S]
     zero = mx.abs() < GROUP_MAX_EPS
-    wx = w * x  # C: w*x[i]*l = (w*x)*l
-    tmp = torch.empty_like(mx)
+    iscales = torch.div(qx_steps(nmax).to(x.device), mx)  # [19, S], each fp32 c / max rounded once
 
-    def codes(iscale):
+    def codes(iscale, xi):
         # nearest_int as a float: (v + 1.5*2^23) - 1.5*2^23 rounds half to even exactly like ggml's bit trick
-        # for |v| < 2^22, and here |v| = |x / max| * (nmax + 0.9) at most (or NaN, see above)
-        return (iscale * x).add_(_MAGIC).sub_(_MAGIC).clamp_(-nmax, nmax - 1).nan_to_num_(nan=0.0)
+        # for |v| < 2^22, and here |v| = |x / max| * (nmax + 0.9) at most. NaN reaches this search only as a
+        # sub-block scale whose weighted sums overflowed (Q3_K's scales with an imatrix): C's max search skips
+        # it and nearest_int(NaN) is 0: NaN is zeroed before the clamp (whose NaN handling compilers may change).
+        # Compiled, by `v != v`: Inductor's isnan / nan_to_num test each lane in scalar code (4x slower search)
+        v = (iscale * xi).add_(_MAGIC).sub_(_MAGIC)
+        v = v.masked_fill_(v != v, 0.0) if torch.compiler.is_compiling() else v.nan_to_num_(nan=0.0)
+        return v.clamp_(-nmax, nmax - 1)
 
-    def grid(iscale):
-        lf = codes(iscale)
-        sumlx, suml2 = torch.zeros_like(mx), torch.zeros_like(mx)
-        for i in range(x.shape[0]):  # row by row (in C order): the products stay in cache, ~2x faster
-            li = lf[i]
-            sumlx.add_(torch.mul(wx[i], li, out=tmp))
-            suml2.add_(torch.mul(w[i], li, out=tmp).mul_(li))
-        return sumlx, suml2
-
-    # the search keeps, per block, the scale (iscale) of the best grid so far; its codes are recomputed once at
-    # the end (the same float expression of the same iscale: the same codes), so no [n, S] codes per grid
-    best_is = div(float(-nmax), mx)
-    sumlx, suml2 = grid(best_is)
-    scale = torch.where(suml2 != 0, sumlx / suml2, torch.zeros_like(sumlx))  # C: `suml2 ? ... : 0` (NaN is true)
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = div(-f32(nmax + f32(f32(0.1) * step)), mx)
-        sumlx, suml2 = grid(iscale)
-        better = (suml2 > 0) & (sumlx * sumlx > best * suml2)
-        best_is = torch.where(better, iscale, best_is)
-        scale = torch.where(better, sumlx / suml2, scale)
-        best = torch.where(better, scale * sumlx, best)
-    L = codes(best_is)
-    L = (L + nmax).to(torch.int32)
+    sumlx = torch.zeros_like(iscales)
+    suml2 = torch.zeros_like(iscales)
+    for i in range(x.shape[0]):  # C's element loop; C: w*x[i]*l = (w*x)*l, w*l*l = (w*l)*l
+        li = codes(iscales, x[i])
+        sumlx = sumlx + (w[i] * x[i]) * li
+        suml2 = suml2 + (w[i] * li) * li
+    # the first grid: scale = suml2 ? sumlx/suml2 : 0 (NaN is true), best = scale * sumlx; then each further grid
+    # replaces it when `suml2 > 0 && sumlx*sumlx > best*suml2`
+    best_is = iscales[0]
+    scale = torch.where(suml2[0] != 0, sumlx[0] / suml2[0], torch.zeros_like(mx))
+    best = scale * sumlx[0]
+    for k in range(1, iscales.shape[0]):
+        slx, sl2 = sumlx[k], suml2[k]
+        better = (sl2 > 0) & (slx * slx > best * sl2)
+        best_is = torch.where(better, iscales[k], best_is)
+        scale = torch.where(better, slx / sl2, scale)
+        best = torch.where(better, scale * slx, best)
+    L = (codes(best_is, x) + nmax).to(torch.int32)  # the same expression of the same iscale: the grid's codes
     L = torch.where(zero, torch.zeros_like(L), L)
     scale = torch.where(zero, torch.zeros_like(scale), scale)
     return scale, L
@@ -193,17 +225,30 @@ def make_qp_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
 
 # ---- the 32-weight formats -----------------------------------------------------------------------
 
-def encode_symmetric_imatrix(blocks: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor, half_levels: int) -> Codes:
-    """Q4_0 (half_levels=8) / Q5_0 (16) with an imatrix: quantize_row_q4_0_impl / q5_0_impl.
-
-    blocks, qw: fp32 [n, 32]; sigma2: [n, 1] (the mean x^2 of each block's row). d = fp16(make_qx_quants scale),
-    q = that search's codes (not recomputed from the fp16 d).
-    """
-    n = blocks.shape[0]
-    x = columns(blocks, 32)  # [32, n]
-    w = block_weights(x, columns(qw, 32), sigma2.view(1, n))
+def symmetric_imatrix_columns(x: torch.Tensor, w: torch.Tensor, half_levels: int):
+    """quantize_row_q4_0_impl (half_levels=8) / q5_0_impl (16) on column-layout blocks: x and their weights w
+    (block_weights) fp32 [32, S], the blocks' elements along dim 0 -> (d fp16 [S], q int32 [32, S]):
+    d = fp16(make_qx_quants scale), q = that search's codes (not recomputed from the fp16 d)."""
     scale, L = make_qx_quants(x, half_levels, w)
-    return Codes(L.T.to(torch.uint8).contiguous(), scale.view(n, 1).to(torch.float16))
+    return scale.to(torch.float16), L
+
+
+def fake_symmetric_imatrix_columns(x: torch.Tensor, w: torch.Tensor, half_levels: int) -> torch.Tensor:
+    """The dequantized values of symmetric_imatrix_columns' codes, [32, S] fp32 (= decode_symmetric): the kernel
+    that _kernels.run_imatrix compiles for training's fake quant. Column layout in and out, so every step of
+    the search reads contiguous rows (given [n, 32] blocks, Inductor would gather each element with stride 32),
+    and the weights come computed (inside the search's graph, Inductor would recompute their square roots for
+    each of the 19 grids)."""
+    d, L = symmetric_imatrix_columns(x, w, half_levels)
+    return (L.to(torch.float32) - half_levels) * d.to(torch.float32)
+
+
+def encode_symmetric_imatrix(blocks: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor, half_levels: int) -> Codes:
+    """Q4_0 (half_levels=8) / Q5_0 (16) with an imatrix: blocks, qw fp32 [n, 32]; sigma2: [n, 1]."""
+    n = blocks.shape[0]
+    x = columns(blocks, 32)
+    d, L = symmetric_imatrix_columns(x, block_weights(x, columns(qw, 32), sigma2.view(1, n)), half_levels)
+    return Codes(L.T.to(torch.uint8).contiguous(), d.view(n, 1))
 
 
 def encode_min_imatrix(blocks: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor, max_code: int) -> Codes:

@@ -5,7 +5,7 @@ from gguf import GGMLQuantizationType
 
 from ._base import (BlockFormat, Codes, decode_symmetric, encode_symmetric, fp16_bytes, fp16_from_bytes,
                     pack_nibbles, unpack_nibbles)
-from ._weighted import encode_symmetric_imatrix
+from ._weighted import encode_symmetric_imatrix, fake_symmetric_imatrix_columns
 
 
 class Q4_0(BlockFormat):
@@ -16,6 +16,9 @@ class Q4_0(BlockFormat):
 
     def encode_imatrix(self, blocks, qw, sigma2):  # ggml quantize_row_q4_0_impl
         return encode_symmetric_imatrix(blocks, qw, sigma2, 8)
+
+    def fake_imatrix_columns(self, x, w):  # training's fake quant, compiled (see _kernels)
+        return fake_symmetric_imatrix_columns(x, w, 8)
 
     def decode(self, codes: Codes) -> torch.Tensor:
         return decode_symmetric(codes, 8)

@@ -6,7 +6,7 @@ from gguf import GGMLQuantizationType
 
 from ._base import (BlockFormat, Codes, decode_symmetric, encode_symmetric, fp16_bytes, fp16_from_bytes,
                     pack_high_bits, pack_nibbles, unpack_high_bits, unpack_nibbles)
-from ._weighted import encode_symmetric_imatrix
+from ._weighted import encode_symmetric_imatrix, fake_symmetric_imatrix_columns
 
 
 class Q5_0(BlockFormat):
@@ -17,6 +17,9 @@ class Q5_0(BlockFormat):
 
     def encode_imatrix(self, blocks, qw, sigma2):  # ggml quantize_row_q5_0_impl
         return encode_symmetric_imatrix(blocks, qw, sigma2, 16)
+
+    def fake_imatrix_columns(self, x, w):  # training's fake quant, compiled (see _kernels)
+        return fake_symmetric_imatrix_columns(x, w, 16)
 
     def decode(self, codes: Codes) -> torch.Tensor:
         return decode_symmetric(codes, 16)
