@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 
 from ._base import BlockFormat
-from ._weighted import block_weights, row_sigma2
+from ._weighted import block_weights, row_sigma2, seq_sum_columns
 
 COMPILE_MIN_ELEMENTS = 1 << 20  # below this, compile time is not paid back in one call
 EAGER_CHUNK = 1 << 18  # elements per eager step: intermediates stay cache-sized
@@ -103,19 +103,15 @@ def _imatrix_kernel(f: BlockFormat, kind: str, blocks, qw, sig):
 
 
 def _compiled_imatrix_fake(f: BlockFormat) -> Callable:
-    """(x [B, r, nb], qw [B, 1, nb], sigma2 [1, r, 1]) -> fake-quantized [B, r * nb]: column layout (block element
-    first), two compiled graphs, the block weights and then the search, so that the weights are computed once
-    (see _weighted.fake_symmetric_imatrix_columns)."""
+    """(x [B, nb, r], qw [B, nb, 1], sigma2 [1, 1, r]) -> fake-quantized [B, nb, r] (block element first, rows
+    innermost: see run_imatrix): two compiled graphs, the block weights and then the search, so that the weights
+    are computed once (see _weighted.fake_symmetric_imatrix_columns)."""
     key = (f.name, "fake+imatrix")
     if key not in _compiled:
         _exact_inductor()
         weights = torch.compile(block_weights, dynamic=True, fullgraph=True)
         search = torch.compile(lambda x, w: f.fake_imatrix_columns(x, w), dynamic=True, fullgraph=True)
-
-        def kernel(x, qw, sig):
-            bs = x.shape[0]
-            return search(x.view(bs, -1), weights(x, qw, sig).view(bs, -1))
-        _compiled[key] = kernel
+        _compiled[key] = lambda x, qw, sig: search(x, weights(x, qw, sig))
     return _compiled[key]
 
 
@@ -172,24 +168,31 @@ def run_imatrix(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor
     width, bs = rows.shape[1], f.block_size
     nb = width // bs
     finite = True
+    check = kind == "quantize" and rows.device.type == "cpu"  # fake quant's callers do not ask
     use_compiled = (kind == "fake" and rows.device.type == "cpu" and f.fake_imatrix_columns is not None
                     and compile_enabled() and rows.numel() >= IMATRIX_COMPILE_MIN_ELEMENTS)
     # the mean x^2 of each whole row (ggml quantize_row_q4_0_impl & co.), summed in C order over the row
-    sigma2 = row_sigma2(rows.to(torch.float32)) if f.imatrix_use == "row" else None  # [R, 1]
+    sigma2 = (row_sigma2(rows.to(torch.float32)) if f.imatrix_use == "row" and not use_compiled
+              else None)  # [R, 1]
     step = max(1, (COMPILED_CHUNK if use_compiled else IMATRIX_CHUNK) // max(1, width))
     for a in range(0, rows.shape[0], step):
         part = rows[a:a + step].to(torch.float32)
         r = part.shape[0]
-        if rows.device.type == "cpu":
+        if check:
             finite = finite and bool(torch.isfinite(part).all())
-        if use_compiled:  # column layout in and out (see _weighted.fake_symmetric_imatrix_columns)
-            x = part.view(r, nb, bs).permute(2, 0, 1).contiguous()  # [B, r, nb]
-            vals = _call_compiled(_compiled_imatrix_fake(f), x, imatrix.view(nb, bs).T.reshape(bs, 1, nb),
-                                  sigma2[a:a + r].view(1, r, 1))
+        if use_compiled:
+            # [nb, B, r]: C's order along a row (block, then element) outermost, so sigma2 is a sequential
+            # column sum, and the rows innermost, so the search's vectors run along contiguous memory
+            x = part.view(r, nb, bs).permute(1, 2, 0).contiguous()
+            sig = seq_sum_columns((x * x).view(width, r)) / float(width)
+            vals = _call_compiled(_compiled_imatrix_fake(f), x.transpose(0, 1), imatrix.view(nb, bs, 1).transpose(0, 1),
+                                  sig.view(1, 1, r))
             if vals is not None:
-                out[a:a + r].view(r, nb, bs).copy_(vals.view(bs, r, nb).permute(1, 2, 0))
+                out[a:a + r].view(r, nb, bs).copy_(vals.permute(2, 1, 0))
                 continue
             use_compiled = False
+            if f.imatrix_use == "row":
+                sigma2 = row_sigma2(rows.to(torch.float32))
         blocks = part.reshape(-1, bs)  # [r * nb, B]
         qw = imatrix.view(1, nb, bs).expand(r, nb, bs).reshape(-1, bs)
         sig = None if sigma2 is None else sigma2[a:a + r].expand(r, nb).reshape(-1, 1)

@@ -35,23 +35,22 @@ _MAGIC = 12582912.0  # 1.5 * 2^23, ggml's nearest_int constant
 # ---- per-row and per-block weights --------------------------------------------------------------
 
 def row_sigma2(rows: torch.Tensor) -> torch.Tensor:
-    """fp32 [R, C] -> [R, 1]: `sum_x2 += x[j]*x[j]` over the row in C order, then `sum_x2 / n_per_row`.
-
-    Sequential, as fp32 sums depend on their order: on CPU numpy's running sum (add.accumulate: each partial sum
-    is an fp32 result, in order; torch.cumsum accumulates in double there), elsewhere column by column."""
+    """fp32 [R, C] -> [R, 1]: `sum_x2 += x[j]*x[j]` over the row in C order, then `sum_x2 / n_per_row`."""
     R, C = rows.shape
     if rows.device.type == "cpu":
-        acc = torch.empty(R, dtype=torch.float32)
-        step = max(1, (1 << 20) // max(1, C))
-        for a in range(0, R, step):
-            sq = (rows[a:a + step] * rows[a:a + step]).numpy()
-            acc[a:a + step] = torch.from_numpy(np.add.accumulate(sq, axis=1)[:, -1])
-    else:
-        acc = torch.zeros(R, dtype=torch.float32, device=rows.device)
-        for j in range(C):
-            col = rows[:, j]
-            acc += col * col
+        return (seq_sum_columns((rows * rows).T.contiguous()) / float(C)).unsqueeze(1)
+    acc = torch.zeros(R, dtype=torch.float32, device=rows.device)
+    for j in range(C):  # sequential: fp32 sums depend on their order
+        col = rows[:, j]
+        acc += col * col
     return (acc / float(C)).unsqueeze(1)
+
+
+def seq_sum_columns(t: torch.Tensor) -> torch.Tensor:
+    """CPU fp32 [K, N] contiguous -> [N]: ((t[0] + t[1]) + t[2]) + ... per column, in fp32, in row order (C's
+    `sum += ...` loop; fp32 sums depend on their order, and torch.sum reorders them). numpy's add.reduce over
+    axis 0 of a C-contiguous array runs exactly this: the rows outer, one vectorized fp32 add per row."""
+    return torch.from_numpy(np.add.reduce(t.numpy(), axis=0))
 
 
 def block_weights(x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
@@ -87,15 +86,15 @@ def _signed_absmax_seq(x: torch.Tensor) -> torch.Tensor:
     return mx
 
 
-def qx_steps(nmax: int) -> torch.Tensor:
+def qx_steps(nmax: int, dims: int = 1) -> torch.Tensor:
     """make_qx_quants' 19 grid numerators in C's order: -nmax (the first grid), then -(nmax + 0.1f*is) for
-    is = -9..-1, 1..9, each a C float expression. fp32 [19, 1]."""
+    is = -9..-1, 1..9, each a C float expression. fp32 [19, 1, ...] (`dims` ones)."""
     vals = [float(-nmax)] + [-f32(nmax + f32(f32(0.1) * k)) for k in range(-9, 10) if k]
-    return torch.tensor(vals, dtype=torch.float32).view(-1, 1)
+    return torch.tensor(vals, dtype=torch.float32).view(-1, *([1] * dims))
 
 
 def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
-    """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw=w) on x, w: [n, S].
+    """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw=w) on x, w: [n, S] (or [n, ...]: any block dims).
 
     Returns (scale [S], L [n, S] int32 in 0..2*nmax-1). A column whose largest |x| is below 1e-15 gets
     scale 0 and L = 0 (C returns early there).
@@ -107,7 +106,7 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
     """
     mx = _signed_absmax_seq(x)  # [S]
     zero = mx.abs() < GROUP_MAX_EPS
-    iscales = torch.div(qx_steps(nmax).to(x.device), mx)  # [19, S], each fp32 c / max rounded once
+    iscales = torch.div(qx_steps(nmax, mx.dim()).to(x.device), mx)  # [19, S], each fp32 c / max rounded once
 
     def codes(iscale, xi):
         # nearest_int as a float: (v + 1.5*2^23) - 1.5*2^23 rounds half to even exactly like ggml's bit trick
@@ -234,9 +233,9 @@ def symmetric_imatrix_columns(x: torch.Tensor, w: torch.Tensor, half_levels: int
 
 
 def fake_symmetric_imatrix_columns(x: torch.Tensor, w: torch.Tensor, half_levels: int) -> torch.Tensor:
-    """The dequantized values of symmetric_imatrix_columns' codes, [32, S] fp32 (= decode_symmetric): the kernel
-    that _kernels.run_imatrix compiles for training's fake quant. Column layout in and out, so every step of
-    the search reads contiguous rows (given [n, 32] blocks, Inductor would gather each element with stride 32),
+    """The dequantized values of symmetric_imatrix_columns' codes, [32, ...] fp32 (= decode_symmetric): the
+    kernel that _kernels.run_imatrix compiles for training's fake quant. Block element first, so every step of the
+    search reads contiguous memory (given [n, 32] blocks, Inductor would gather each element with stride 32),
     and the weights come computed (inside the search's graph, Inductor would recompute their square roots for
     each of the 19 grids)."""
     d, L = symmetric_imatrix_columns(x, w, half_levels)
