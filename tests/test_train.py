@@ -83,6 +83,35 @@ def test_nan_loss_stops_and_keeps_checkpoint(tiny, tmp_path, monkeypatch):
     assert checkpoint_step(tmp_path / "run") == 4
 
 
+def test_full_disk_at_a_checkpoint_is_one_clear_error(tiny, tmp_path, monkeypatch):
+    """A checkpoint that cannot be written (a full disk: torch reports it as "unexpected pos") ends training with
+    one error naming the checkpoint, the space left and how to continue; the previous checkpoint stays, no
+    partial one is left, and the run resumes from it."""
+    import shutil
+    from collections import namedtuple
+
+    import torch.distributed.checkpoint as dcp
+
+    from qatlm.train.checkpoint import checkpoint_step
+
+    cfg = cfg_for(tiny, "llama", tmp_path / "run", steps=6, save_every=2)
+    train(cfg, progress=False, stop_after=3)  # checkpoint at step 2
+    real_save, real_usage = dcp.save, shutil.disk_usage
+    monkeypatch.setattr(dcp, "save", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 40, 3 << 20))
+    with pytest.raises(OSError, match=r"no space left \(3 MB free\) while saving the step-4 checkpoint to .*run/"
+                                      r"checkpoint; the step-2 checkpoint .* is untouched\. Free disk space, then "
+                                      r"run the same command again \(or `qatlm train --resume"):
+        train(cfg, resume=True, progress=False)
+    assert checkpoint_step(tmp_path / "run") == 2 and not list((tmp_path / "run").glob("*partial*"))
+    monkeypatch.setattr(dcp, "save", real_save)
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    assert checkpoint_step(tmp_path / "run") == 6
+
+
 def test_export_refuses_a_diverged_student(tiny, tmp_path, monkeypatch):
     """A checkpoint whose weights hold NaN is not exported: the error names the tensor and the fix, and no
     output file is written (an earlier export at that path is kept)."""

@@ -79,13 +79,42 @@ def save_checkpoint(run: Path, ctx: Context, student: nn.Module, opt, step: int)
         shutil.rmtree(tmp)
     barrier(ctx)
     msd, osd = get_state_dict(student, opt)
-    with _quiet():
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    try:
+        with _quiet():
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        barrier(ctx)
+        if ctx.main:
+            torch.save({"step": step, "torch_rng": torch.get_rng_state(), "world": ctx.world}, tmp / "state.pt")
+            swap_in(tmp, run / CKPT)
+    except Exception as e:  # a full disk surfaces from DCP / torch.save as RuntimeError("unexpected pos ...")
+        if ctx.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(e, run, step) from None
     barrier(ctx)
-    if ctx.main:
-        torch.save({"step": step, "torch_rng": torch.get_rng_state(), "world": ctx.world}, tmp / "state.pt")
-        swap_in(tmp, run / CKPT)
-    barrier(ctx)
+
+
+def write_error(e: BaseException, run: Path, step: int) -> OSError:
+    """The error for a checkpoint that could not be written: what happened, that the previous checkpoint is
+    intact, and how to continue. A full disk is recognised by its errno or message, or by < 256 MB left."""
+    import errno
+
+    from ..teacher import one_line
+
+    try:
+        free = shutil.disk_usage(run).free
+    except OSError:
+        free = None
+    full = ((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e)
+            or (free is not None and free < 256 << 20))
+    prev = checkpoint_dir(run)
+    kept = (f"the step-{_state(prev)['step']} checkpoint in {prev} is untouched" if prev is not None
+            else "no earlier checkpoint exists")
+    what = (f"no space left ({free >> 20} MB free)" if full and free is not None else "no space left" if full
+            else f"cannot write ({one_line(e)})")
+    return OSError(errno.ENOSPC if full else errno.EIO,
+                   f"{what} while saving the step-{step} checkpoint to {run / CKPT}; {kept}. "
+                   + ("Free disk space" if full else "Check the disk")
+                   + f", then run the same command again (or `qatlm train --resume {run}`) to continue from it")
 
 
 def load_checkpoint(run: Path, student: nn.Module, opt=None) -> int:
