@@ -62,6 +62,35 @@ def test_llamacpp_engine_matches_hand_computation(gemma_gguf, tempest):
     assert abs(r.ppl / ppl - 1) < 1e-4 and abs(r.ppl_err / err - 1) < 1e-3
 
 
+def test_llama_perplexity_itself_agrees(gemma_gguf, q4_0, tempest, session_tmp, llama_tool):
+    """llama.cpp's own llama-perplexity, base logits saved then --kl-divergence, on the same chunks, with flash
+    attention off as in the engine (the tool's default, auto, turns it on for CPU: its fp16 attention moves Q4_0's
+    PPL here by +0.5%). The same PPL of both models up to the order of the log-softmax's fp32 sums (the tool's
+    own loops against torch's; 3e-5 measured), and the same mean KLD up to the tool's uint16 storage of the
+    base's log-probabilities (a step of (max - min) / 65535 per token)."""
+    import re
+    import subprocess
+
+    base = session_tmp / "tempest-base.kld"
+    common = ["-f", str(tempest), "-c", "512", "--chunks", str(CHUNKS), "-t", "2", "-b", "512", "-fa", "off"]
+    saved = subprocess.run([str(llama_tool("llama-perplexity")), "-m", str(gemma_gguf), *common,
+                            "--kl-divergence-base", str(base)], check=True, capture_output=True, text=True)
+    out = subprocess.run([str(llama_tool("llama-perplexity")), "-m", str(q4_0), *common, "--kl-divergence-base",
+                          str(base), "--kl-divergence"], check=True, capture_output=True, text=True)
+    log = out.stdout + out.stderr
+
+    def value(label):
+        return float(re.search(re.escape(label) + r"\s*:\s*([0-9.]+)", log).group(1))
+    r = evaluate(str(q4_0), tempest, 512, CHUNKS, "llama.cpp", kld_base=str(gemma_gguf), progress=False)
+    t = evaluate(str(gemma_gguf), tempest, 512, CHUNKS, "llama.cpp", progress=False)
+    assert r.ppl == pytest.approx(value("Mean PPL(Q)"), rel=1e-4)
+    # the base's own run (its PPL(base) line in the --kl-divergence run comes from the uint16-stored log-probs)
+    base_ppl = float(re.search(r"Final estimate: PPL = ([0-9.]+)", saved.stdout + saved.stderr).group(1))
+    assert t.ppl == pytest.approx(base_ppl, rel=1e-4)
+    kld = float(re.search(r"Mean\s+KLD:\s*([0-9.]+)", log).group(1))
+    assert r.kld["kld_mean"] == pytest.approx(kld, rel=5e-3)
+
+
 def test_kld_self_is_zero_and_q8_below_q4(gemma_gguf, q4_0, tempest, session_tmp):
     same = evaluate(str(gemma_gguf), tempest, 256, 2, "llama.cpp", kld_base=str(gemma_gguf), progress=False)
     assert same.kld["kld_mean"] == pytest.approx(0, abs=1e-9) and same.kld["same_top_p"] == 1.0
