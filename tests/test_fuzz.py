@@ -436,8 +436,8 @@ def test_gguf_semantic_mutations(seeds):
                  must_fail=tf, what=f"eval {name}")
         fam.case(["train", "--teacher", f, "--data", data, "--steps", "1", "--seq-len", "32", "--batch-size", "2",
                   "--out", d / "run"], [f], must_fail=tf, what=f"train {name}")
-        fam.case(["run", "--teacher", f, "--data", data, "--eval-text", data, "--steps", "1", "--out", d / "job"],
-                 [f], must_fail=tf, what=f"run {name}")
+        fam.case(["run", "--teacher", f, "--data", data, "--eval-text", data, "--steps", "1", "--set", "data_free=0",
+                  "--out", d / "job"], [f], must_fail=tf, what=f"run {name}")
         fam.case(["compare", "--teacher", seeds["gguf"], f, "--data", data, "--ctx", "64", "--chunks", "1",
                   "--engine", "torch"], [f], must_fail=tf, what=f"compare {name}")
         if "plan" in fails:  # refused by the validator: safe to hand to llama.cpp in this process
@@ -658,8 +658,8 @@ def test_hf_weight_mutations(seeds):
         fam.case(["eval", m, "--data", data, "--ctx", "64", "--chunks", "1", "--engine", "torch"], [m],
                  must_fail=must, what=f"eval {name}")
         if must:
-            fam.case(["run", "--teacher", m, "--data", data, "--eval-text", data, "--steps", "1", "--out", d / "job"],
-                     [m], must_fail=True, what=f"run {name}")
+            fam.case(["run", "--teacher", m, "--data", data, "--eval-text", data, "--steps", "1", "--set",
+                      "data_free=0", "--out", d / "job"], [m], must_fail=True, what=f"run {name}")
         shutil.rmtree(m)
     fam.done()
 
@@ -849,7 +849,8 @@ def test_special_files_never_block(seeds):
              (["eval", fifo, "--data", data], fifo),
              (["compare", "--teacher", gguf, fifo, "--data", data], fifo),
              (["export", run, out], run / "config.yaml"), (["export", run2, out], shard),
-             (["run", "--teacher", m, "--data", data, "--eval-text", data, "--out", d / "job"], m / "model.safetensors")]
+             (["run", "--teacher", m, "--data", data, "--eval-text", data, "--set", "data_free=0", "--out", d / "job"],
+              m / "model.safetensors")]
     script = textwrap.dedent("""
         import contextlib, io, json, sys, os
         os.environ["TQDM_DISABLE"] = "1"
