@@ -163,7 +163,7 @@ def run_imatrix(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor
     on rows' device. Always the exact, branch-free rules (f.encode_imatrix); for training's fake quant of Q4_0 /
     Q5_0 on large CPU tensors, torch.compile'd (module docstring; the compile pays back within a training run,
     while a one-off `quantize --imatrix` stays eager, whose cold call would not). Returns whether rows were all
-    finite (checked on CPU only, as in `run`).
+    finite (checked for "quantize" on CPU only; True otherwise).
     """
     width, bs = rows.shape[1], f.block_size
     nb = width // bs
