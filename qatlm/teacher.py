@@ -51,7 +51,8 @@ class Teacher:
     arch: str  # GGUF architecture name
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read 16 MB at a time."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 24), b""):
@@ -341,7 +342,7 @@ def gguf_to_hf_cache(gguf_path: Path) -> Path:
         raise ValueError(f"{gguf_path}: {e}") from None
     check_dequantizable(gguf_path, info.tensors)
     check_model_keys(info, reader, name)
-    target = CACHE / "teachers" / _sha256(gguf_path)
+    target = CACHE / "teachers" / sha256_file(gguf_path)
     if (target / "config.json").is_file():
         return target
     from tqdm import tqdm

@@ -178,6 +178,18 @@ def kd_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, tem
     with torch.no_grad(), torch.autocast(input_ids.device.type, dtype=td, enabled=td != torch.float32):
         h_t = teacher.model(input_ids).last_hidden_state
     w_t = frozen_cast(teacher.get_output_embeddings().weight, dtype)
+    h_s, w_s, targets, rows = student_rows(student, input_ids, dtype, mask)
+    h_t = h_t.reshape(-1, h_t.shape[-1])
+    h_t = h_t if rows is None else h_t[rows]
+    ce_scale, n_pos, n_tgt = ce_in_kl_units(targets, ce_weight)
+    sums = _FusedHeadKD.apply(h_s, w_s, h_t, w_t, targets, temperature, ce_scale, chunk, dtype)
+    return mean_loss(sums, n_pos, n_tgt, ce_weight)
+
+
+def student_rows(student: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor | None):
+    """The student's side of a fused-head loss (kd_loss, topk_kd_loss): (hidden states [N, H] under autocast in
+    `dtype`, the output weight it computes with (cast once when frozen), next-token targets [N] (-1: none), the
+    flat indices of the counted positions or None for all). Position t counts when mask[:, t + 1]."""
     with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
         h_s = student.model(input_ids).last_hidden_state
     w_s = head_weight(student)
@@ -185,16 +197,26 @@ def kd_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, tem
         w_s = frozen_cast(w_s, dtype)
     targets = torch.full_like(input_ids, -1)
     targets[:, :-1] = input_ids[:, 1:]
-    H = h_s.shape[-1]
-    h_s, h_t, targets = h_s.reshape(-1, H), h_t.reshape(-1, H), targets.reshape(-1)
-    if mask is not None:  # only the counted positions' rows: [n_counted, H]
+    h_s, targets = h_s.reshape(-1, h_s.shape[-1]), targets.reshape(-1)
+    rows = None
+    if mask is not None:  # only the counted positions' rows are passed to the head
         keep = torch.zeros_like(mask)
         keep[:, :-1] = mask[:, 1:]
         rows = keep.reshape(-1).nonzero().squeeze(1)
-        h_s, h_t, targets = h_s[rows], h_t[rows], targets[rows]
+        h_s, targets = h_s[rows], targets[rows]
+    return h_s, w_s, targets, rows
+
+
+def ce_in_kl_units(targets: torch.Tensor, ce_weight: float) -> tuple[float, int, int]:
+    """(ce_weight in units of the loss sum, positions, positions with a target): the fused heads' ce_scale."""
     n_pos, n_tgt = max(1, targets.numel()), max(1, int((targets >= 0).sum()))
-    sums = _FusedHeadKD.apply(h_s, w_s, h_t, w_t, targets, temperature, ce_weight * n_pos / n_tgt, chunk, dtype)
-    kl = sums[0] / n_pos  # differentiated: its gradient also carries the ce_weight part
+    return ce_weight * n_pos / n_tgt, n_pos, n_tgt
+
+
+def mean_loss(sums: torch.Tensor, n_pos: int, n_tgt: int, ce_weight: float) -> tuple[torch.Tensor, dict]:
+    """A fused head's [loss sum, CE sum] -> (mean loss, {'kl', 'ce'}). Only the loss sum is differentiated: its
+    gradient already carries the ce_weight part."""
+    kl = sums[0] / n_pos
     ce = sums[1].detach() / n_tgt
     loss = kl + ce_weight * ce if ce_weight else kl
     return loss, {"kl": float(kl.detach()), "ce": float(ce)}

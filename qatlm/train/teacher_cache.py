@@ -48,7 +48,7 @@ from tqdm import tqdm
 from .. import arch
 from ..atomic import atomic_file, atomic_write_text
 from ..cli import command
-from ..teacher import Teacher, load_teacher, weight_files
+from ..teacher import Teacher, load_teacher, sha256_file, weight_files
 from . import config as C
 from . import dist
 from .config import TrainConfig
@@ -169,18 +169,10 @@ def chunk_name(c: int) -> str:
     return f"chunk-{c:05d}.safetensors"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for part in iter(lambda: fh.read(1 << 24), b""):
-            h.update(part)
-    return h.hexdigest()
-
-
 def _chunk_ok(path: Path, entry: dict | None) -> bool:
     """Whether `path` is the complete chunk the manifest entry describes (size and sha256)."""
     return (entry is not None and path.is_file() and path.stat().st_size == entry["bytes"]
-            and _sha256_file(path) == entry["sha256"])
+            and sha256_file(path) == entry["sha256"])
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
@@ -356,7 +348,7 @@ class TeacherCache:
             if p.stat().st_size != entry["bytes"]:
                 raise ValueError(f"{p}: {p.stat().st_size} bytes, the manifest says {entry['bytes']} (truncated or "
                                  f"overwritten); {fix}")
-            if _sha256_file(p) != entry["sha256"]:
+            if sha256_file(p) != entry["sha256"]:
                 raise ValueError(f"{p}: its contents differ from the manifest's sha256 (corrupt); {fix}")
             with safe_open(str(p), framework="pt") as fh:
                 for r, block in enumerate(fh.get_tensor("tokens").long()):

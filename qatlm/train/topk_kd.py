@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import arch
-from .kd_loss import FusedHead, frozen_cast, head_weight
+from .kd_loss import FusedHead, ce_in_kl_units, mean_loss, student_rows
 
 
 def _topk_chunk(z_s: torch.Tensor, lp_k: torch.Tensor, idx: torch.Tensor, lp_r: torch.Tensor, valid: torch.Tensor,
@@ -79,24 +79,11 @@ def topk_kd_loss(student: nn.Module, cached: tuple[torch.Tensor, torch.Tensor, t
     """
     arch.check_softcap(student)
     lp_k, idx, lp_r = (c.to(input_ids.device) for c in cached)
-    with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        h_s = student.model(input_ids).last_hidden_state
-    w_s = head_weight(student)
-    if not w_s.requires_grad:
-        w_s = frozen_cast(w_s, dtype)
-    targets = torch.full_like(input_ids, -1)
-    targets[:, :-1] = input_ids[:, 1:]
-    H, k = h_s.shape[-1], lp_k.shape[-1]
-    h_s, lp_k, idx, lp_r, targets = (h_s.reshape(-1, H), lp_k.reshape(-1, k), idx.reshape(-1, k), lp_r.reshape(-1),
-                                     targets.reshape(-1))
-    if mask is not None:  # only the counted positions' rows (position t counts when mask[:, t + 1]), as kd_loss
-        keep = torch.zeros_like(mask)
-        keep[:, :-1] = mask[:, 1:]
-        rows = keep.reshape(-1).nonzero().squeeze(1)
-        h_s, lp_k, idx, lp_r, targets = h_s[rows], lp_k[rows], idx[rows], lp_r[rows], targets[rows]
-    n_pos, n_tgt = max(1, targets.numel()), max(1, int((targets >= 0).sum()))
-    sums = _FusedHeadTopK.apply(h_s, w_s, lp_k, idx, lp_r, targets, ce_weight * n_pos / n_tgt, chunk, dtype)
-    kl = sums[0] / n_pos
-    ce = sums[1].detach() / n_tgt
-    loss = kl + ce_weight * ce if ce_weight else kl
-    return loss, {"kl": float(kl.detach()), "ce": float(ce)}
+    h_s, w_s, targets, rows = student_rows(student, input_ids, dtype, mask)
+    k = lp_k.shape[-1]
+    lp_k, idx, lp_r = lp_k.reshape(-1, k), idx.reshape(-1, k), lp_r.reshape(-1)
+    if rows is not None:
+        lp_k, idx, lp_r = lp_k[rows], idx[rows], lp_r[rows]
+    ce_scale, n_pos, n_tgt = ce_in_kl_units(targets, ce_weight)
+    sums = _FusedHeadTopK.apply(h_s, w_s, lp_k, idx, lp_r, targets, ce_scale, chunk, dtype)
+    return mean_loss(sums, n_pos, n_tgt, ce_weight)
