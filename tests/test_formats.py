@@ -197,6 +197,23 @@ def test_exact_ties_and_half_steps(name):
     run_case(_lattice_blocks(name, 131072, rng).reshape(-1, 1024), name)
 
 
+def test_round_half_away_is_c_roundf_on_every_float():
+    """Q8_0's two-pass roundf against float64 (where y + 0.5 is exact) on every fp32 in [2^-3, 2^9) of both signs
+    (201M values: all of Q8_0's codes, every tie, every float just below a tie), and 0.49999997 named."""
+    from qatlm.formats.q8_0 import round_half_away
+
+    for sign in (1, -1):
+        for e in range(-3, 9):
+            bits = np.arange(1 << 23, dtype=np.uint32) | np.uint32((127 + e) << 23)
+            y = bits.view(np.float32) * np.float32(sign)
+            ref = np.trunc(y.astype(np.float64) + np.copysign(0.5, y)).astype(np.int32)
+            got = round_half_away(torch.from_numpy(y)).numpy()
+            bad = np.flatnonzero(got != ref)
+            assert bad.size == 0, f"roundf({y[bad[0]]!r}) = {ref[bad[0]]}, got {got[bad[0]]}"
+    z = torch.tensor([0.49999997, -0.49999997, 0.5, -0.5, 2.5, -2.5, 1e-30, 0.0, -0.0])
+    assert round_half_away(z).tolist() == [0, 0, 1, -1, 3, -3, 0, 0, 0]
+
+
 @pytest.mark.parametrize("name", FORMATS)
 def test_signed_max_ties_first_index_wins(name):
     """+a and -a in the same block: ggml keeps the first (strict <), which fixes the sign of d."""

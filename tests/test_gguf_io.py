@@ -60,6 +60,34 @@ def test_huge_counts_and_strings(tiny):
     refuse(tiny, "cannot fit")
 
 
+def test_string_arrays_are_checked_item_by_item(tmp_path):
+    """A vocabulary-like string array (walked in validate's fast loop) is refused at the faulty item with the
+    message of a single string: a length past the end, bytes that are not UTF-8, a file cut inside it."""
+    from gguf import GGUFWriter
+
+    def with_tokens(name):
+        w = GGUFWriter(str(tmp_path / name), "llama")
+        w.add_token_list([f"tok{i}" for i in range(300)])
+        w.add_tensor("a.weight", np.zeros((4, 64), np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return tmp_path / name
+
+    assert validate(with_tokens("ok.gguf")).keys["tokenizer.ggml.tokens"] == 9  # ARRAY
+    p = with_tokens("long.gguf")
+    i = p.read_bytes().index(b"tok150") - 8
+    patch(p, i, struct.pack("<Q", 1 << 40))
+    refuse(p, "string in array 'tokenizer.ggml.tokens' needs 1099511627776 bytes")
+    p = with_tokens("utf8.gguf")
+    patch(p, p.read_bytes().index(b"tok7"), b"\xff\xfe")
+    refuse(p, "string in array 'tokenizer.ggml.tokens' is not UTF-8")
+    p = with_tokens("cut.gguf")
+    p.write_bytes(p.read_bytes()[:p.read_bytes().index(b"tok299") + 2])
+    refuse(p, "string in array 'tokenizer.ggml.tokens' needs 6 bytes but only 2 remain")
+
+
 def test_bad_dims_and_type(tmp_path):
     p = write_tiny(tmp_path / "t.gguf")
     pos = tensor_info_pos(p.read_bytes(), "a.weight")

@@ -114,7 +114,7 @@ def _check_imatrix(imatrix, f: BlockFormat, w: torch.Tensor) -> torch.Tensor | N
 
 
 @torch.no_grad()
-def quantize(w, fmt: str, imatrix=None) -> np.ndarray:
+def quantize(w, fmt: str, imatrix=None, compile: bool | None = None) -> np.ndarray:
     """GGUF block bytes of a 2-D float tensor: numpy uint8 [rows, cols // B * type_size].
 
     Same bytes and shape as `gguf.quants.quantize(w.float().numpy(), GGMLQuantizationType.<FMT>)`.
@@ -127,6 +127,9 @@ def quantize(w, fmt: str, imatrix=None) -> np.ndarray:
     _weighted); Q8_0 ignores it, as ggml does.
 
         >>> raw = F.quantize(w, "q4_0", imatrix=torch.rand(w.shape[1]))
+
+    compile: whether the CPU kernel may be torch.compile'd (None: when the tensor is large; a caller that knows
+    the whole job, like `qatlm quantize`, decides whether compiling pays back; the bytes are the same).
     """
     f = get(fmt)
     w = _as_tensor(w)
@@ -137,7 +140,7 @@ def quantize(w, fmt: str, imatrix=None) -> np.ndarray:
     if qw is not None:
         ok = _kernels.run_imatrix(f, "quantize", w_cpu, out, qw)
     else:
-        ok = _kernels.run(f, "quantize", w_cpu, out)
+        ok = _kernels.run(f, "quantize", w_cpu, out, compile=compile)
     if not ok:
         bad = (~torch.isfinite(w)).nonzero()[0].tolist()
         raise ValueError(f"{f.name}: tensor {tuple(w.shape)} holds NaN or inf (first at row {bad[0]}, "

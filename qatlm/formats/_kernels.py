@@ -127,17 +127,19 @@ def _call_compiled(kernel: Callable, *args):
         return None
 
 
-def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor) -> bool:
+def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor, compile: bool | None = None) -> bool:
     """Apply kernel `kind` ("quantize", "fake", "dequantize") to `rows` ([R, width]: floats, or bytes for
     "dequantize") in chunks of whole rows, writing the matching rows of `out`. Returns whether every
     input value was finite (always True for "dequantize" and on CUDA, which never syncs to check).
 
-    On CPU: the fast rules (torch.compile'd when enabled and the tensor is large), then the flagged corner
-    blocks redone with the exact rules, so the result is exact. On CUDA: the exact, branch-free rules.
+    On CPU: the fast rules (torch.compile'd when enabled and `compile` says so; None: when the tensor is large),
+    then the flagged corner blocks redone with the exact rules, so the result is exact. On CUDA: the exact,
+    branch-free rules.
     """
     cpu = rows.device.type == "cpu"
     fast = cpu and not FORCE_EXACT
-    use_compiled = fast and f.compile and compile_enabled() and rows.numel() >= COMPILE_MIN_ELEMENTS
+    large = rows.numel() >= COMPILE_MIN_ELEMENTS
+    use_compiled = fast and f.compile and compile_enabled() and (large if compile is None else compile)
     step = max(1, (COMPILED_CHUNK if use_compiled else EAGER_CHUNK) // max(1, rows.shape[1]))
     width = f.type_size if kind == "dequantize" else f.block_size
     finite = True

@@ -10,7 +10,10 @@ general.quantization_version, general.file_type (the plan's llama_ftype) and, wi
 quantize.imatrix.* keys are appended as llama-quantize appends them, and tensors are written in
 llama-quantize's order. The whole file is byte-identical to llama-quantize's on the same source
 (tests/test_ptq.py). Reading and writing bypass gguf-py's GGUFReader/GGUFWriter (see gguf.io: they spent
-~10 s per call on the 262k-token vocabulary's metadata), and tensors stream from the memory-mapped source.
+~10 s per call on the 262k-token vocabulary's metadata), and tensors stream from the memory-mapped source: each is dequantized, quantized and written a few million
+weights at a time (STEP_ELEMENTS), so the working buffers stay small and are reused. Allocating a whole model's
+worth of fresh memory is what made a one-off quantize slow: on the reference VM first-touching 670 MB took
+~1.2-1.5 s, more than quantizing it (benchmarks/quantize_file.py).
 """
 from __future__ import annotations
 
@@ -36,17 +39,28 @@ def type_name(t: GGMLQuantizationType) -> str:
     return t.name.lower()
 
 
-def dequantize_tensor(info: TensorInfo, raw: np.ndarray) -> np.ndarray:
-    """Any GGUF tensor (its raw bytes, uint8 [.., bytes per row], or gguf-py's typed view) -> float32 numpy array
-    in torch order. Exact block formats go through qatlm.formats; F16/BF16/K-quants and the rest through gguf-py's
-    numpy dequantizers."""
+STEP_ELEMENTS = 1 << 22  # weights per quantize step (16 MB as fp32): see quantize_gguf
+# torch.compile'd kernels pay back only on large jobs: compiling one format costs ~4 s even with Inductor's disk
+# cache warm (Dynamo's import and tracing), and saves ~2 ns per weight over eager (Q8_0 / Q4_0 on 168M weights:
+# 0.15 / 0.12 s compiled, 0.49 / 0.48 s eager; measured on the 2-core Zen 5 reference machine).
+# So a one-off quantize compiles a format only for more weights than this; a 270M model never does.
+COMPILE_PAYBACK_ELEMENTS = 1 << 31
+
+
+def dequantize_tensor(info: TensorInfo, raw: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A GGUF tensor's raw bytes (uint8 [.., bytes per row], or gguf-py's typed view; `shape`: the torch shape
+    they hold when only some rows are given, info.shape by default) -> float32 numpy array in torch order.
+    Exact block formats go through qatlm.formats; F16/BF16/K-quants and the rest through gguf-py's numpy
+    dequantizers."""
+    shape = info.shape if shape is None else shape
     name = type_name(info.ggml_type)
     if info.ggml_type == GGMLQuantizationType.F32:
-        return np.array(np.asarray(raw).view(np.float32), dtype=np.float32).reshape(info.shape)  # a writable copy
+        f32 = np.asarray(raw).view(np.float32).reshape(shape)
+        return f32 if f32.flags.writeable else f32.copy()  # a copy-on-write map (quantize_gguf) needs no copy
     if name in formats.names():
-        return formats.dequantize(np.asarray(raw).view(np.uint8).reshape(-1), name, info.shape).numpy()
-    return quants.dequantize(np.asarray(raw).view(np.uint8).reshape(*info.shape[:-1], -1),
-                             info.ggml_type).astype(np.float32, copy=False).reshape(info.shape)
+        return formats.dequantize(np.asarray(raw).view(np.uint8).reshape(-1), name, shape).numpy()
+    return quants.dequantize(np.asarray(raw).view(np.uint8).reshape(*shape[:-1], -1),
+                             info.ggml_type).astype(np.float32, copy=False).reshape(shape)
 
 
 def gguf_type(name: str, type_name_: str) -> GGMLQuantizationType:
@@ -58,10 +72,10 @@ def gguf_type(name: str, type_name_: str) -> GGMLQuantizationType:
 
 
 def encode_tensor(name: str, w: np.ndarray | torch.Tensor, type_name_: str, imatrix=None,
-                  path: str | os.PathLike | None = None) -> OutTensor:
+                  path: str | os.PathLike | None = None, compile: bool | None = None) -> OutTensor:
     """float weights in torch order -> an OutTensor of the requested type (block bytes via qatlm.formats;
-    `imatrix`: per-column importance [cols], as llama-quantize --imatrix passes it). NaN/inf weights are an
-    error naming the tensor (and `path`, the file they came from)."""
+    `imatrix`: per-column importance [cols], as llama-quantize --imatrix passes it; `compile`: as
+    formats.quantize). NaN/inf weights are an error naming the tensor (and `path`, the file they came from)."""
     t = gguf_type(name, type_name_)
     if type_name_ in ("f32", "f16"):
         check_finite(path or "the model", name, w)
@@ -71,7 +85,7 @@ def encode_tensor(name: str, w: np.ndarray | torch.Tensor, type_name_: str, imat
     w2 = torch.as_tensor(w)
     shape = tuple(w2.shape)
     try:
-        data = formats.quantize(w2.reshape(-1, shape[-1]), type_name_, imatrix).reshape(*shape[:-1], -1)
+        data = formats.quantize(w2.reshape(-1, shape[-1]), type_name_, imatrix, compile).reshape(*shape[:-1], -1)
     except ValueError:
         check_finite(path or "the model", name, w)  # the quantizer found NaN/inf: say which tensor of which file
         raise
@@ -124,7 +138,8 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, plan: str = "q
     check_dequantizable(src, requant)  # before anything is written
     for t in requant:
         gguf_type(t.name, types[t.name])
-    data = np.memmap(src, dtype=np.uint8, mode="r")
+    # copy-on-write: the F32 rows reach torch without a copy (torch wants writable arrays; nothing writes them)
+    data = np.memmap(src, dtype=np.uint8, mode="c")
 
     order = sorted(info.tensors, key=lambda t: llama_order(t.name))  # the order llama-quantize writes
 
@@ -141,9 +156,21 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, plan: str = "q
                                                         else np.float16))
                 yield raw  # copied as-is
             else:
-                qw = im.weights(ti.name) if im is not None and ti.name in im else None
-                w = dequantize_tensor(ti, raw)
-                yield encode_tensor(ti.name, w, want, qw, path=src).data  # NaN/inf: refused naming the tensor
+                yield requantized(ti, raw, want, im.weights(ti.name) if im is not None and ti.name in im else None)
+
+    weights_per_type: dict[str, int] = {}
+    for t in requant:
+        weights_per_type[types[t.name]] = weights_per_type.get(types[t.name], 0) + math.prod(t.ne)
+
+    def requantized(ti: TensorInfo, raw: np.ndarray, want: str, qw) -> Iterator[np.ndarray]:
+        """The tensor's new bytes, a few million weights at a time (rows are quantized independently)."""
+        rows = raw.reshape(-1, raw.shape[-1])
+        step = max(1, STEP_ELEMENTS // ti.ne[0])
+        compile = weights_per_type[want] >= COMPILE_PAYBACK_ELEMENTS
+        for a in range(0, rows.shape[0], step):
+            w = dequantize_tensor(ti, rows[a:a + step], (min(step, rows.shape[0] - a), ti.ne[0]))
+            # NaN/inf: refused naming the tensor
+            yield encode_tensor(ti.name, w, want, qw, path=src, compile=compile).data
 
     out_types = [(t.name, t.ne, gguf_type(t.name, types[t.name])) for t in order]
     kv = [kv_bytes("general.quantization_version", GGUFValueType.UINT32, 2)]  # llama-quantize's order
@@ -156,9 +183,11 @@ def quantize_gguf(src: str | os.PathLike, dst: str | os.PathLike, plan: str = "q
         kv.append(kv_bytes("quantize.imatrix.entries_count", GGUFValueType.UINT32, len(im.entries)))
         if im.chunk_count > 0:
             kv.append(kv_bytes("quantize.imatrix.chunks_count", GGUFValueType.UINT32, im.chunk_count))
+    tensors = blobs()
     try:
-        return write_gguf_raw(dst, info, data, kv, out_types, blobs())
+        return write_gguf_raw(dst, info, data, kv, out_types, tensors)
     finally:
+        tensors.close()  # a failure inside a tensor ends the progress bar now, before the error is printed
         del data
 
 
