@@ -181,6 +181,58 @@ def test_data_free_distillation(tiny, tmp_path):
         train(cfg_for(tiny, "llama", tmp_path / "none", data=[]), progress=False)
 
 
+def test_decode_attention_matches_a_full_forward(tiny):
+    """Sampling's decode attention (query heads that share a key/value head stacked as rows, no repeat_kv) gives,
+    token by token with the KV cache, the logits of one full forward with transformers' own attention: grouped
+    heads (2:1), Gemma 3's sliding-window layers (40 tokens past its window of 16) and Llama's full attention."""
+    from qatlm.teacher import load_teacher
+    from qatlm.train.synthetic import _decode_attention_for
+
+    for kind in ("gemma3", "llama"):
+        t = load_teacher(str(tiny[kind]))
+        m = t.model.eval()
+        before = m.config._attn_implementation
+        ids = t.tokenizer([TEXT[:400], TEXT[500:900]], return_tensors="pt").input_ids[:, :40]
+        assert ids.shape == (2, 40)
+        with torch.no_grad():
+            full = m(input_ids=ids).logits
+            with _decode_attention_for(m):
+                assert m.config._attn_implementation == "qatlm_decode"
+                past, steps = None, []
+                for i in range(ids.shape[1]):
+                    o = m(input_ids=ids[:, i:i + 1], past_key_values=past, use_cache=True)
+                    past = o.past_key_values
+                    steps.append(o.logits[:, -1])
+        assert m.config._attn_implementation == before
+        # fp32 both ways: only the order of additions differs (and the prefill's kernel)
+        torch.testing.assert_close(torch.stack(steps, 1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_two_level_draw_samples_the_softmax():
+    """The sampler's draw (block sums, then one block's cumulative sum) has softmax(logits)'s distribution: 200k
+    draws over a 1000-entry vocabulary (not a multiple of the 512-entry block: padded) with -inf entries, which are
+    never drawn, and a peak; every frequency within 5 standard errors of its probability (a seeded sampling
+    test: the tolerance is the sampling error, the seed makes it deterministic)."""
+    from qatlm.train.synthetic import _draw
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1000, generator=g) * 2
+    logits[[3, 700, 999]] = float("-inf")
+    logits[512] = 6.0  # first entry of the second block
+    p = torch.softmax(logits.double(), 0)
+    counts = torch.zeros(1000, dtype=torch.float64)
+    n = 0
+    for _ in range(100):
+        tok = _draw(logits.expand(2000, -1).contiguous(), g)
+        assert tok.shape == (2000, 1) and int(tok.min()) >= 0 and int(tok.max()) < 1000
+        counts += torch.bincount(tok.view(-1), minlength=1000).double()
+        n += 2000
+    assert counts[[3, 700, 999]].sum() == 0
+    se = (p * (1 - p) / n).sqrt().clamp(min=1e-12)
+    z = ((counts / n - p) / se)[p > 0]
+    assert float(z.abs().max()) < 5, float(z.abs().max())
+
+
 def test_mixed_batches_take_the_sampled_fraction():
     """A corpus mixed with teacher samples: exactly `fraction` of the batch elements come from the sampled
     blocks (the first ones), each group is drawn without repeats within its epoch, and the draw is a pure

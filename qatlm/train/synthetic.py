@@ -12,8 +12,10 @@ written atomically) so a resumed run trains on the same text.
 Speed: one decode step of a small model costs little beyond its output projection (Gemma 3 270M: 262k x 640,
 62% of a token's FLOPs) and per-step overhead, so sequences are decoded 64 at a time with a KV cache, and the
 matmuls run in the training precision (bf16 where the CPU has native bf16: the distribution sampled is the one
-the student is trained against). `benchmarks/sample_speed.py` measures it against the former 8-at-a-time fp32
-loop. This trades the cost of generation for independence from any dataset, and trains on the teacher's
+the student is trained against). The attention of a decode step stacks the query heads that share a key/value
+head instead of repeating the cache per head (_decode_attention), and the draw sums the probabilities in two
+levels (_draw). `python benchmarks/train_speed.py --only-sampling` measures it against the former 8-at-a-time
+fp32 loop. This trades the cost of generation for independence from any dataset, and trains on the teacher's
 general distribution rather than one domain.
 """
 from __future__ import annotations
@@ -43,7 +45,7 @@ def sample_stream(model, tokenizer, n: int, seq_len: int, seed: int = 0, batch: 
         from tqdm import tqdm
         bar = tqdm(total=n * seq_len, desc="sample from teacher", unit="tok", unit_scale=True)
     model.eval()
-    with _cached_casts(model, device, dtype):
+    with _cached_casts(model, device, dtype), _decode_attention_for(model):
         for a in range(0, n, batch):
             out.append(_sample_batch(model, min(batch, n - a), seq_len, bos, eos, gen, device, bar))
     if bar is not None:
@@ -71,13 +73,70 @@ def _cached_casts(model, device, dtype):
             p.requires_grad_(False)
 
 
-def _draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """One token per row of probs [b, V] by inverse-CDF sampling (one uniform per row against the fp64 cumulative
-    sum): the same distribution as torch.multinomial, whose exponential-race method draws V random numbers per
-    row (most of a decode step's time at a 262k vocabulary)."""
-    cdf = probs.double().cumsum(-1)
-    u = torch.rand(probs.shape[0], 1, generator=gen, dtype=torch.float64, device=probs.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=probs.shape[1] - 1)
+DRAW_BLOCK = 512  # vocabulary entries per block of the two-level draw
+
+
+def _draw(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """One token per row of fp32 logits [b, V], drawn from softmax(logits) by inverse-CDF sampling: one uniform per
+    row against fp64 cumulative sums (torch.multinomial's exponential race draws V random numbers per row, most of
+    a decode step's time at a 262k vocabulary). Two levels, so no [b, V] fp64 array is built: the unnormalized
+    exp(logits - max) summed per block of DRAW_BLOCK entries, the block found on their cumulative sum, then the
+    token on the chosen block's own cumulative sum. The distribution of one cumulative sum over softmax (up to the
+    fp32 rounding of the probabilities, as softmax's own), without softmax's division pass or a [b, V] fp64 copy;
+    tests/test_train.py checks the frequencies against softmax."""
+    b, v = logits.shape
+    e = torch.exp(logits - logits.amax(-1, keepdim=True))
+    nb = -(-v // DRAW_BLOCK)
+    if nb * DRAW_BLOCK != v:  # zero-probability padding at the end
+        e = torch.nn.functional.pad(e, (0, nb * DRAW_BLOCK - v))
+    e = e.view(b, nb, DRAW_BLOCK)
+    cdf = e.sum(-1).double().cumsum_(-1)  # [b, nb]: fp32 sums of 512 terms, then fp64 across blocks
+    u = torch.rand(b, 1, generator=gen, dtype=torch.float64, device=logits.device) * cdf[:, -1:]
+    k = torch.searchsorted(cdf, u, right=True).clamp_(max=nb - 1)  # [b, 1]
+    below = torch.where(k > 0, cdf.gather(1, (k - 1).clamp(min=0)), torch.zeros_like(u))
+    inner = e[torch.arange(b, device=e.device), k[:, 0]].double().cumsum_(-1)  # [b, DRAW_BLOCK]
+    j = torch.searchsorted(inner, u - below, right=True).clamp_(max=DRAW_BLOCK - 1)
+    return (k * DRAW_BLOCK + j).clamp_(max=v - 1)
+
+
+def _decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **_):
+    """transformers' eager attention (same math: scores, softcap, mask, fp32 softmax, weighted values) for
+    decoding, without repeat_kv: the query heads that share a key/value head are stacked as extra query rows
+    ([b, kv heads, group * q_len, d]), so a 4:1 grouped-query model no longer copies its whole cache 4 times
+    per layer and step (half of a decode step's time with a 256-token cache)."""
+    b, hq, s, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    scores = torch.matmul(query.reshape(b, hkv, g * s, d), key.transpose(2, 3))
+    scores = scores * (module.head_dim ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:  # [b, 1, s, L] -> the stacked rows
+        m = attention_mask[:, :, :, : key.shape[-2]]
+        scores = (scores.view(b, hkv, g, s, -1) + m.unsqueeze(2)).view(b, hkv, g * s, -1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(probs, value).view(b, hq, s, -1)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _decode_attention_for(model):
+    """Decode with _decode_attention (registered with transformers' attention interface), restored afterwards.
+    PyTorch's CPU flash-attention kernel (sdpa) took ~7 ms per layer call with one query per sequence."""
+    before = getattr(model.config, "_attn_implementation", None)
+    if before is None or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import eager_mask
+
+    AttentionInterface.register("qatlm_decode", _decode_attention)
+    AttentionMaskInterface.register("qatlm_decode", eager_mask)
+    model.set_attn_implementation("qatlm_decode")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(before)
 
 
 def _sample_batch(model, b: int, seq_len: int, bos: int, eos, gen, device, bar) -> np.ndarray:
@@ -89,8 +148,7 @@ def _sample_batch(model, b: int, seq_len: int, bos: int, eos, gen, device, bar) 
     for _ in range(seq_len - 1):
         o = model(input_ids=cur, past_key_values=past, use_cache=True)
         past = o.past_key_values
-        probs = torch.softmax(o.logits[:, -1].float(), dim=-1)
-        nxt = _draw(probs, gen)
+        nxt = _draw(o.logits[:, -1].float(), gen)
         if eos is not None:  # an ended document restarts from BOS (the stream stays one packed text)
             nxt = torch.where(cur[:, -1:] == eos, torch.full_like(nxt, bos), nxt)
         ids = torch.cat([ids, nxt], dim=1)
