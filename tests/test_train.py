@@ -186,7 +186,7 @@ def test_decode_attention_matches_a_full_forward(tiny):
     token by token with the KV cache, the logits of one full forward with transformers' own attention: grouped
     heads (2:1), Gemma 3's sliding-window layers (40 tokens past its window of 16) and Llama's full attention."""
     from qatlm.teacher import load_teacher
-    from qatlm.train.synthetic import _decode_attention_for
+    from qatlm.train.synthetic import _decode_attention_for, decode_step
 
     for kind in ("gemma3", "llama"):
         t = load_teacher(str(tiny[kind]))
@@ -200,9 +200,8 @@ def test_decode_attention_matches_a_full_forward(tiny):
                 assert m.config._attn_implementation == "qatlm_decode"
                 past, steps = None, []
                 for i in range(ids.shape[1]):
-                    o = m(input_ids=ids[:, i:i + 1], past_key_values=past, use_cache=True)
-                    past = o.past_key_values
-                    steps.append(o.logits[:, -1])
+                    logits, past = decode_step(m, ids[:, i:i + 1], past)
+                    steps.append(logits)
         assert m.config._attn_implementation == before
         # fp32 both ways: only the order of additions differs (and the prefill's kernel)
         torch.testing.assert_close(torch.stack(steps, 1), full, atol=2e-5, rtol=1e-5)

@@ -127,7 +127,7 @@ class TorchEngine:
         n = len(chunk)
         first = n // 2
         # only the scored positions get logits: never [n_ctx, vocab] for the whole chunk
-        out = self.model(torch.tensor([chunk]), logits_to_keep=n - first)
+        out = self.model(torch.tensor([chunk]), logits_to_keep=n - first, use_cache=False)
         logits = out.logits[0, :-1].to(torch.float32)  # positions first .. n-2
         return torch.log_softmax(logits, dim=-1)
 

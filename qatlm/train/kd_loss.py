@@ -176,7 +176,7 @@ def kd_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, tem
     arch.check_softcap(student)
     td = dtype if teacher_dtype is None else teacher_dtype
     with torch.no_grad(), torch.autocast(input_ids.device.type, dtype=td, enabled=td != torch.float32):
-        h_t = teacher.model(input_ids).last_hidden_state
+        h_t = teacher.model(input_ids, use_cache=False).last_hidden_state
     w_t = frozen_cast(teacher.get_output_embeddings().weight, dtype)
     h_s, w_s, targets, rows = student_rows(student, input_ids, dtype, mask)
     h_t = h_t.reshape(-1, h_t.shape[-1])
@@ -191,7 +191,7 @@ def student_rows(student: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype
     `dtype`, the output weight it computes with (cast once when frozen), next-token targets [N] (-1: none), the
     flat indices of the counted positions or None for all). Position t counts when mask[:, t + 1]."""
     with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        h_s = student.model(input_ids).last_hidden_state
+        h_s = student.model(input_ids, use_cache=False).last_hidden_state
     w_s = head_weight(student)
     if not w_s.requires_grad:
         w_s = frozen_cast(w_s, dtype)

@@ -175,9 +175,13 @@ def layer_activations(d: Dims, layer: Layer, bf16: bool, tokens: int, seq_len: i
     With LoRA the norms are frozen, and the first layer's input norm saves nothing (its input needs no grad)."""
     a = 2 if bf16 else 4
     masked = bool(layer.sliding and d.window and seq_len >= d.window)
-    # SDPA's k and v: with a mask transformers repeats them to every query head (repeat_kv, an expand), which the
-    # bf16 cast materializes; without one SDPA takes the grouped heads as they are (enable_gqa)
-    kv = 2 * a * (d.q if masked and bf16 else d.kv)
+    # SDPA's k and v: without a mask SDPA takes the grouped heads as they are (enable_gqa); with one transformers
+    # repeats them to every query head (repeat_kv: an expand, then a reshape that is a view for one KV head and a
+    # copy for more). Under autocast k (fp32 after the rotary embedding) is cast to bf16 at the query heads' size;
+    # v (bf16 from v_proj) is saved as repeat_kv returns it
+    one_kv = d.n_kv == 1
+    kv = (a * ((d.q if bf16 or not one_kv else d.kv) + (d.kv if one_kv else d.q)) if masked
+          else 2 * a * d.kv)
     per_token = ACTIVATIONS[d.arch](d, bf16, lora) + kv - (_rms_saves(d.hidden, True) if lora and first else 0)
     return per_token * tokens + (a * tokens * seq_len if masked else 0)
 

@@ -21,6 +21,7 @@ general distribution rather than one domain.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,15 @@ def _decode_attention_for(model):
         model.set_attn_implementation(before)
 
 
+def decode_step(model, tokens: torch.Tensor, cache):
+    """One step of decoding with a KV cache: (the last position's logits [b, V], the cache to pass next; None
+    to start). The cache is `cache` in the forward and output from transformers 5.24 on (which deprecates
+    `past_key_values`, to be removed in 5.40), `past_key_values` before."""
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    o = model(input_ids=tokens, use_cache=True, **{key: cache})
+    return o.logits[:, -1], o[key]
+
+
 def _sample_batch(model, b: int, seq_len: int, bos: int, eos, gen, device, bar) -> np.ndarray:
     """b sequences of seq_len tokens, decoded together with a KV cache: [b, seq_len] int64."""
     ids = torch.full((b, 1), bos, dtype=torch.long, device=device)
@@ -146,9 +156,8 @@ def _sample_batch(model, b: int, seq_len: int, bos: int, eos, gen, device, bar) 
     if bar is not None:
         bar.update(b)  # the BOS of each sequence
     for _ in range(seq_len - 1):
-        o = model(input_ids=cur, past_key_values=past, use_cache=True)
-        past = o.past_key_values
-        nxt = _draw(o.logits[:, -1].float(), gen)
+        logits, past = decode_step(model, cur, past)
+        nxt = _draw(logits.float(), gen)
         if eos is not None:  # an ended document restarts from BOS (the stream stays one packed text)
             nxt = torch.where(cur[:, -1:] == eos, torch.full_like(nxt, bos), nxt)
         ids = torch.cat([ids, nxt], dim=1)

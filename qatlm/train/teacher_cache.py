@@ -120,7 +120,7 @@ def _teacher_logits(teacher: torch.nn.Module, ids: torch.Tensor, chunk: int, dty
     td = dtype if teacher_dtype is None else teacher_dtype
     with torch.no_grad():
         with torch.autocast(ids.device.type, dtype=td, enabled=td != torch.float32):
-            h = teacher.model(ids).last_hidden_state
+            h = teacher.model(ids, use_cache=False).last_hidden_state
         w = frozen_cast(teacher.get_output_embeddings().weight, dtype)
         h = h.reshape(-1, h.shape[-1])
         with torch.autocast(ids.device.type, enabled=False):
