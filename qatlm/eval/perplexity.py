@@ -274,6 +274,22 @@ def evaluate(model: str, data: str | Path, ctx: int = 512, chunks_cap: int | Non
     return evaluate_engines([eng], data, ctx, chunks_cap, base, progress, keep_kld_values)[0]
 
 
+KLD_ROWS = 8  # rows of [rows, vocab] float64 temporaries at a time: 16 MB each at Gemma's 262k vocabulary
+
+
+def kld_rows(lb: torch.Tensor, lp: torch.Tensor) -> np.ndarray:
+    """KL(base || model) per row of fp32 log-probabilities [rows, vocab], in float64 and, like llama-perplexity's
+    stored base logits, over the entries whose base log-probability is above -16. A few rows at a time: whole
+    [255, 262144] float64 temporaries (~0.5 GB each, four per model and chunk) cost more time in fresh memory than
+    in arithmetic."""
+    out = np.empty(lb.shape[0])
+    for a in range(0, lb.shape[0], KLD_ROWS):
+        b64, p64 = lb[a:a + KLD_ROWS].double(), lp[a:a + KLD_ROWS].double()
+        terms = b64.exp().mul_(b64 - p64).masked_fill_(b64 <= -16, 0.0)
+        out[a:a + KLD_ROWS] = terms.sum(1).numpy()
+    return out
+
+
 def evaluate_engines(engines: list, data: str | Path, ctx: int, chunks_cap: int | None, base=None,
                      progress: bool = True, keep_kld_values: bool = False) -> list[EvalResult]:
     """Several models on the same chunks, side by side: the base (if any) is evaluated once per chunk and
@@ -294,24 +310,25 @@ def evaluate_engines(engines: list, data: str | Path, ctx: int, chunks_cap: int 
         from tqdm import tqdm
         it = tqdm(cs, desc=f"perplexity ({engines[0].name}, {n + (base is not None)} models)", unit="chunk")
     for c in it:
-        targets = torch.tensor(c[ctx // 2 + 1:], dtype=torch.long)  # original tokens j+1 (never the BOS slot)
+        targets = torch.tensor(c[ctx // 2 + 1:], dtype=torch.long)[:, None]  # tokens j+1 (never the BOS slot)
         if base is not None:
             t0 = time.perf_counter()
-            lb = base.logprobs(c).to(torch.float64)  # [n/2 - 1, vocab]
+            lb = base.logprobs(c)  # fp32 [n/2 - 1, vocab]
             secs[n] += time.perf_counter() - t0
-            keep = lb > -16  # as llama.cpp's stored base logits
-            pb = lb.exp()
-            nll[n].append((-lb.gather(1, targets[:, None])[:, 0]).numpy())
+            lb_t = lb.gather(1, targets)[:, 0].double()
+            nll[n].append((-lb_t).numpy())
+            top_b = lb.argmax(1)
         for i, eng in enumerate(engines):
             t0 = time.perf_counter()
-            lp = eng.logprobs(c).to(torch.float64)  # [n/2 - 1, vocab]
+            lp = eng.logprobs(c)  # fp32 [n/2 - 1, vocab]
             secs[i] += time.perf_counter() - t0
-            nll[i].append((-lp.gather(1, targets[:, None])[:, 0]).numpy())
+            lp_t = lp.gather(1, targets)[:, 0].double()
+            nll[i].append((-lp_t).numpy())
             if base is not None:
-                kld[i].append(torch.where(keep, pb * (lb - lp), torch.zeros_like(lb)).sum(1).numpy())
-                p_q[i].append(lp.gather(1, targets[:, None])[:, 0].exp().numpy())
-                p_b[i].append(pb.gather(1, targets[:, None])[:, 0].numpy())
-                same[i].append((lp.argmax(1) == lb.argmax(1)).numpy())
+                kld[i].append(kld_rows(lb, lp))
+                p_q[i].append(lp_t.exp().numpy())
+                p_b[i].append(lb_t.exp().numpy())
+                same[i].append((lp.argmax(1) == top_b).numpy())
         if progress:
             it.set_postfix(ppl=f"{math.exp(np.concatenate(nll[0]).mean()):.3f}")
 
