@@ -28,6 +28,7 @@ FORMATS = F.names()
 GGUF_PY_QUANTIZES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # the rest: libggml is the only reference
 # formats whose encode has no separate fast rules (fast=True only adds flags): one kernel path is enough here
 SEARCH = tuple(n for n in FORMATS if not F.get(n).compile)
+GRID = ("q2_k", "q4_k", "q5_k")  # search formats whose affine grid search large jobs run compiled
 SIGN_FIELD = {"q4_0": 1, "q5_0": 1, "q4_1": 3, "q5_1": 3}  # byte holding the fp16 sign bit of d or m
 
 
@@ -68,7 +69,8 @@ def assert_same_bytes(w, name):
     w = np.ascontiguousarray(w, dtype=np.float32)
     f = F.get(name)
     c_ref = ggml_quantize(w, name)
-    for compiled in ("eager", "compiled", "exact") if f.compile else ("eager",):
+    modes = ("eager", "compiled", "exact") if f.compile else ("eager", "compiled") if name in GRID else ("eager",)
+    for compiled in modes:
         with kernel_mode(compiled):
             ours = F.quantize(torch.from_numpy(w), name)
             assert ours.dtype == np.uint8 and ours.shape == c_ref.shape
@@ -83,19 +85,19 @@ def assert_same_bytes(w, name):
 
 class kernel_mode:
     """Force a kernel path: "eager" (fast rules + exact fix-up of flagged blocks), "compiled" (the same,
-    torch.compile'd even for small tensors) or "exact" (the branch-free exact rules on every block: the
-    CUDA path, run on CPU)."""
+    torch.compile'd even for small tensors; the search formats' compiled grid step too) or "exact" (the
+    branch-free exact rules on every block: the CUDA path, run on CPU)."""
 
     def __init__(self, mode):
         self.mode = {False: "eager", True: "compiled"}.get(mode, mode)
 
     def __enter__(self):
-        self.saved = _kernels.COMPILE_MIN_ELEMENTS, _kernels.FORCE_EXACT
-        _kernels.COMPILE_MIN_ELEMENTS = 0 if self.mode == "compiled" else 1 << 62
+        self.saved = _kernels.COMPILE_MIN_ELEMENTS, _kernels.GRID_COMPILE_MIN_ELEMENTS, _kernels.FORCE_EXACT
+        _kernels.COMPILE_MIN_ELEMENTS = _kernels.GRID_COMPILE_MIN_ELEMENTS = 0 if self.mode == "compiled" else 1 << 62
         _kernels.FORCE_EXACT = self.mode == "exact"
 
     def __exit__(self, *exc):
-        _kernels.COMPILE_MIN_ELEMENTS, _kernels.FORCE_EXACT = self.saved
+        _kernels.COMPILE_MIN_ELEMENTS, _kernels.GRID_COMPILE_MIN_ELEMENTS, _kernels.FORCE_EXACT = self.saved
 
 
 WEIGHTS_SEEN = {name: 0 for name in FORMATS}
@@ -404,3 +406,24 @@ def test_bad_inputs(name):
         F.dequantize(np.zeros(17, np.uint8), name, (1, bs))
     with pytest.raises(ValueError, match="floating-point"):
         F.quantize(torch.zeros(1, bs, dtype=torch.int32), name)
+
+
+@pytest.mark.parametrize("width", [1, 2, 15, 16, 17, 64, 1000])
+def test_seq_sum_is_the_c_loop_bit_for_bit(width):
+    """The K-quant searches' sums (numpy's add.reduce on CPU, the torch loop otherwise) against C's
+    `sum += x[i]` loop replayed one fp32 add at a time: mixed magnitudes, signed zeros, inf and NaN, a
+    non-contiguous input, both initialisations (from 0, from the first term)."""
+    from qatlm.formats._kbase import seq_sum
+    rng = np.random.default_rng(width)
+    for k in (2, 8, 9, 32, 256):
+        a = (rng.standard_normal((k, width)) * 2.0 ** rng.integers(-30, 30, (k, width))).astype(np.float32)
+        a[:, ::5] = -0.0  # an all -0.0 column: (0 + -0) + ... is +0, -0 + ... is -0
+        if width > 3:
+            a[0, 1], a[k // 2, 2], a[-1, 3] = np.inf, np.nan, -np.inf
+        for t in (torch.from_numpy(a), torch.from_numpy(np.asfortranarray(a))):
+            for from_zero in (True, False):
+                ref = np.float32(0.0) + a[0] if from_zero else a[0].copy()
+                for i in range(1, k):
+                    ref = (ref + a[i]).astype(np.float32)
+                got = seq_sum(t, from_zero=from_zero).numpy()
+                assert np.array_equal(got.view(np.int32), ref.view(np.int32)), (k, from_zero)

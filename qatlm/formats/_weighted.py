@@ -23,7 +23,6 @@ blocks; branches become torch.where masks. Nothing here syncs with the host, so 
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ._base import Codes, signed_absmax
@@ -38,19 +37,12 @@ def row_sigma2(rows: torch.Tensor) -> torch.Tensor:
     """fp32 [R, C] -> [R, 1]: `sum_x2 += x[j]*x[j]` over the row in C order, then `sum_x2 / n_per_row`."""
     R, C = rows.shape
     if rows.device.type == "cpu":
-        return (seq_sum_columns((rows * rows).T.contiguous()) / float(C)).unsqueeze(1)
+        return (seq_sum((rows * rows).T, from_zero=False) / float(C)).unsqueeze(1)
     acc = torch.zeros(R, dtype=torch.float32, device=rows.device)
     for j in range(C):  # sequential: fp32 sums depend on their order
         col = rows[:, j]
         acc += col * col
     return (acc / float(C)).unsqueeze(1)
-
-
-def seq_sum_columns(t: torch.Tensor) -> torch.Tensor:
-    """CPU fp32 [K, N] contiguous -> [N]: ((t[0] + t[1]) + t[2]) + ... per column, in fp32, in row order (C's
-    `sum += ...` loop; fp32 sums depend on their order, and torch.sum reorders them). numpy's add.reduce over
-    axis 0 of a C-contiguous array runs exactly this: the rows outer, one vectorized fp32 add per row."""
-    return torch.from_numpy(np.add.reduce(t.numpy(), axis=0))
 
 
 def block_weights(x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor) -> torch.Tensor:
