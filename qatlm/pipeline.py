@@ -158,11 +158,13 @@ def run_job(out: str | Path = "runs/default", flags: dict | None = None, recipe:
         atomic_write_text(out / "Modelfile", f"# Ollama: ollama create qatlm-{plan} -f Modelfile\nFROM ./{qat.name}\n")
     plot_training(run_dir / "metrics.jsonl", out / "training.png")
     print("[5/5] report (llama.cpp on the written files)")
-    results = {}
+    results, engines = {}, {}  # the four models load once for all the texts
     texts = [("in_domain", eval_text)] + [(f"ood_{Path(o).stem}", o) for o in ood]
     for label, text in texts:
         results[label] = compare(str(teacher_gguf), [], text, out / f"report_{label}", eval_ctx, eval_chunks,
-                                 "llama.cpp", ptq=str(ptq), qat=str(qat), imatrix_ptq=str(imatrix_ptq))
+                                 "llama.cpp", ptq=str(ptq), qat=str(qat), imatrix_ptq=str(imatrix_ptq),
+                                 engines=engines)
+    engines.clear()
     summary = {"teacher": str(teacher_gguf), "ptq": str(ptq), "imatrix_ptq": str(imatrix_ptq),
                "imatrix": str(imatrix), "qat": str(qat), "plan": plan,
                "qat_hf": str(qat_hf), "modelfile": str(out / "Modelfile"),
@@ -236,7 +238,8 @@ def imatrix_baseline(t, teacher_gguf: Path, text: list[str], imatrix: Path, imat
     with it (= llama-imatrix + llama-quantize --imatrix)."""
     if not imatrix.exists():
         print(f"[3/5] imatrix ({chunks} chunks x {ctx} of the training text) -> {imatrix}")
-        compute_imatrix(None, text, imatrix, ctx, chunks, teacher=t)
+        # bf16 where native (1.7x faster; statistics within ~1% of fp32's, both within 2% of llama-imatrix's)
+        compute_imatrix(None, text, imatrix, ctx, chunks, teacher=t, precision="auto")
     print(f"[3/5] imatrix PTQ -> {imatrix_ptq}")
     quantize_gguf(teacher_gguf, imatrix_ptq, plan, tuple(overrides), imatrix=imatrix)
 
@@ -247,7 +250,7 @@ def add_parsers(sub) -> None:
                 imatrix_chunks=a.imatrix_chunks, command="qatlm " + shlex.join(a.argv))
 
     p = command(sub, "run", "The whole job: teacher, PTQ, QAT, export (GGUF, HF, Modelfile) and the report. "
-                "Run it again to resume.", "qatlm run --budget-minutes 9 --out runs/default", main)
+                "Run it again to resume.", "qatlm run --budget-minutes 7.5 --out runs/default", main)
     add_train_flags(p, C.resolve("default"))
     p.add_argument("--out", default="runs/default", help="output directory (default runs/default)")
     p.add_argument("--eval-text", help="in-domain evaluation text, held out from training (default: The Tempest)")

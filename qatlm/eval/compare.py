@@ -36,17 +36,25 @@ def _bits_per_weight(path: str) -> tuple[float | None, float | None]:
 
 def compare(teacher: str, models: list[str], data: str, out: str | Path | None = None, ctx: int = 512,
             chunks: int | None = None, engine: str = "llama.cpp", ptq: str | None = None, qat: str | None = None,
-            threads: int | None = None, imatrix_ptq: str | None = None) -> dict:
+            threads: int | None = None, imatrix_ptq: str | None = None, engines: dict | None = None) -> dict:
     """Evaluate the teacher and each model (KLD against the teacher); write report.md/json/png to `out`.
     Roles: `ptq` (round to nearest), `imatrix_ptq` (llama-quantize --imatrix, the quant people download) and
-    `qat`; with ptq, each of the others gets the share of the RTN perplexity drop it removed."""
+    `qat`; with ptq, each of the others gets the share of the RTN perplexity drop it removed. `engines`: a dict
+    that keeps the loaded models between calls (one load per model for several texts, as `qatlm run` does)."""
     roles = {m: r for r, m in (("ptq", ptq), ("imatrix_ptq", imatrix_ptq), ("qat", qat)) if m}
     models = list(models) + [m for m in roles if m not in models]
     if not models:
         raise ValueError("nothing to compare: give models, --ptq, --qat or --imatrix-ptq")
     # all models side by side, chunk by chunk: the teacher runs once per chunk as every model's KLD base
-    *evals, t = evaluate_engines([make_engine(m, engine, ctx, threads=threads) for m in models], data, ctx, chunks,
-                                 make_engine(teacher, engine, ctx, threads=threads), keep_kld_values=True)
+    engines = {} if engines is None else engines
+
+    def load(m: str):
+        key = (m, engine, ctx, threads)
+        if key not in engines:
+            engines[key] = make_engine(m, engine, ctx, threads=threads)
+        return engines[key]
+
+    *evals, t = evaluate_engines([load(m) for m in models], data, ctx, chunks, load(teacher), keep_kld_values=True)
     rows = [("teacher", teacher, to_dict(t))]
     rows += [(roles.get(m, "model"), m, to_dict(r)) for m, r in zip(models, evals)]
     result = {"teacher": teacher, "data": str(data), "ctx": ctx, "engine": engine, "rows": []}

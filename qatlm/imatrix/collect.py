@@ -15,6 +15,11 @@ What llama-imatrix does (tools/imatrix/imatrix.cpp, `collect_imatrix` / `compute
   hidden state for q/k/v_proj and gate/up_proj, the attention output for o_proj, act(gate) * up for down_proj.
   Here those are the inputs of the nn.Linear modules, caught with forward pre-hooks.
 
+Precision: fp32 by default (llama-imatrix on an F32 model); `precision="bf16"` runs the body under bf16 autocast
+(the squares still summed in fp32, accumulated in fp64): 1.6-1.8x faster on a CPU with native bf16 (Gemma 3
+270M, 12 chunks: 6.2 s against 9.8-11.3 s), each tensor's statistics within ~1% (relative L2) of the fp32 ones
+(tests/test_imatrix.py holds both to llama-imatrix's within 2%). `qatlm run` uses it where bf16 is native.
+
 Why it is fast: only the transformer body runs (`model.model`), never the output head, whose
 [n_tokens, n_vocab] logits dominate the cost for a large vocabulary (Gemma 3: 262k); llama-imatrix computes them
 for its perplexity printout. The per-column sums are x.pow(2).sum(0) per call (fp32, pairwise), accumulated in
@@ -59,16 +64,19 @@ def _linear(model: torch.nn.Module, name: str) -> torch.nn.Linear:
 
 
 def collect(model: torch.nn.Module, names: dict[str, str], chunks: list[list[int]], progress: bool = True,
-            datasets: Sequence[str] = (), process_output: bool = False) -> Imatrix:
+            datasets: Sequence[str] = (), process_output: bool = False, precision: str = "fp32") -> Imatrix:
     """Run `model` (a transformers causal LM) on each chunk and return llama-imatrix's statistics for the
     nn.Linear layers in `names` (module name -> GGUF tensor name). Only `blk.*` tensors are collected, as
     llama-imatrix does by default (`output.weight` too with process_output=True: then the full model runs).
+    precision: "fp32" or "bf16" (the forward under bf16 autocast; see the module docstring).
 
         im = collect(model, {"model.layers.0.mlp.down_proj": "blk.0.ffn_down.weight"}, chunks)
         im.weights("blk.0.ffn_down.weight")   # float32 [intermediate_size]
     """
     if not chunks:
         raise ValueError("no chunks to collect on; see imatrix_chunks()")
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: use fp32 or bf16")
     n_ctx = len(chunks[0])
     if any(len(c) != n_ctx for c in chunks):
         raise ValueError(f"chunks of different lengths ({sorted({len(c) for c in chunks})}); llama-imatrix's chunks "
@@ -104,7 +112,8 @@ def collect(model: torch.nn.Module, names: dict[str, str], chunks: list[list[int
         if progress:
             from tqdm import tqdm
             it = tqdm(chunks, desc="imatrix", unit="chunk")
-        with torch.inference_mode():
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+        with torch.inference_mode(), autocast:
             for c in it:
                 run(input_ids=torch.tensor([c], device=device), use_cache=False)
     finally:
