@@ -403,7 +403,7 @@ def test_bad_inputs(name):
         with pytest.raises(ValueError, match=r"NaN or inf \(first at row 2, col 33\)"):
             F.quantize(w, name)
     with pytest.raises(ValueError, match="bytes do not hold"):
-        F.dequantize(np.zeros(17, np.uint8), name, (1, bs))
+        F.dequantize(np.zeros(F.get(name).type_size + 1, np.uint8), name, (1, bs))
     with pytest.raises(ValueError, match="floating-point"):
         F.quantize(torch.zeros(1, bs, dtype=torch.int32), name)
 

@@ -86,3 +86,18 @@ def test_imatrix_qat_with_plan_is_quantize_imatrix_of_its_checkpoint(wide, tmp_p
     rtn = quantize_gguf(f32, tmp_path / "rtn.gguf", plan, progress=False)
     assert any(not np.array_equal(a[n][1], v[1]) for n, v in tensors_by_name(rtn).items())  # the rule mattered
     _runs_in_llama_cpp(qat, student, t.tokenizer)
+
+
+def test_qat_with_mxfp4_override_exports_its_fake_quant(wide, tmp_path):
+    """MXFP4 has no llama-quantize file type for dense models (its MXFP4_MOE puts it on MoE experts only), so it is
+    reached by an override: every 2-D weight of the blocks as MXFP4 (the embedding stays Q8_0). The exported file
+    holds exactly the student's fake quant, and llama.cpp runs it."""
+    over = ("blk\\..*=mxfp4",)
+    run = _train(wide, tmp_path / "run", "q8_0", overrides=list(over))
+    cfg, t, student = load_run(run)
+    out = export_gguf(student, tmp_path / "qat.gguf", "q8_0", over, hf_dir=t.hf_dir, progress=False)
+    types = [typ for typ, _ in tensors_by_name(out).values()]
+    assert types.count("MXFP4") == 2 * 7, types
+    latent = dict(gguf_tensors(student))
+    assert assert_export_is_fake_quant(out, latent) == 2 * 7 + 1
+    _runs_in_llama_cpp(out, student, t.tokenizer)

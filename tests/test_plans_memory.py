@@ -29,6 +29,10 @@ def test_other_plans_and_overrides():
     assert parse_plan("q5_0").types(t)["blk.3.ffn_up.weight"] == "q5_0"
     types = parse_plan("q4_0", ["ffn_down=q8_0", r"blk\.0\..*=f16"]).types(t)
     assert types["blk.1.ffn_down.weight"] == "q8_0" and types["blk.0.attn_q.weight"] == "f16"
+    # as llama-quantize's --tensor-type: norms and other unquantized tensors keep their type; the first match wins
+    types = parse_plan("q4_0", [r"blk\.0\.ffn_down=q5_0", r"blk\..*=mxfp4"]).types(t)
+    assert types["blk.0.attn_norm.weight"] == "f32" and types["blk.1.ffn_norm.weight"] == "f32"
+    assert types["blk.0.ffn_down.weight"] == "q5_0" and types["blk.0.attn_q.weight"] == "mxfp4"
 
 
 def test_plan_errors():

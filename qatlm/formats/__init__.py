@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from ._base import BlockFormat, Codes
-from . import _kernels, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs
+from . import _kernels, q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, iq4_nl, iq4_xs, mxfp4
 from . import mlx_affine  # MLX's affine groups: a QAT target for MLX, not a GGUF type
 
 _REGISTRY: dict[str, BlockFormat] = {m.FORMAT.name: m.FORMAT
                                      for m in (q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k,
-                                               iq4_nl, iq4_xs)}
+                                               iq4_nl, iq4_xs, mxfp4)}
 
 __all__ = ["BlockFormat", "Codes", "names", "is_format", "is_mlx", "get", "quantize", "dequantize", "fake_quant",
            "byte_shape"]

@@ -225,9 +225,10 @@ class Plan:
                 got = _fallback(want, ne[0])
                 if got != self.default and got in formats.names() and ne[0] % block_size(got):
                     got = "f16"  # a 32-block type a rule chose (Q8_0 output, Q4_1 guard): C falls back to F16
-            for pattern, t in self.overrides:
-                if pattern.search(name):
+            for pattern, t in (self.overrides if is_quantizable(name, ne) else ()):
+                if pattern.search(name):  # llama-quantize --tensor-type: quantized tensors only, first match wins
                     want = got = t
+                    break
             if is_quantizable(name, ne) and ne[0] % block_size(got):
                 raise ValueError(f"plan {self.name!r}: tensor {name} has rows of {ne[0]}, not a multiple of "
                                  f"{got.upper()}'s block of {block_size(got)}; override it (e.g. "
