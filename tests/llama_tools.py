@@ -7,7 +7,7 @@ llama-cpp-python ships llama.cpp's libraries but not its tools, so they are buil
 sources vendored in the llama-cpp-python sdist of exactly the installed version (the same C code the Python
 bindings run): `pip download --no-deps --no-binary llama-cpp-python llama-cpp-python==<version>` (only that
 package as source: `--no-binary :all:` would also compile the build backend's own requirements, cmake itself
-among them, from source to prepare the sdist's metadata, ~25 min here), then cmake (CPU only,
+among them, from source to prepare the sdist's metadata: still at it after 35 min here), then cmake (CPU only,
 Release, LLAMA_CURL=OFF, static libraries so the binaries do not point into the build tree, only the needed
 targets, -j2). That takes minutes on 2 cores, so the result is cached:
 
