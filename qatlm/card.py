@@ -147,7 +147,8 @@ def _bundled_repo() -> str | None:
     return None
 
 
-SETTINGS = ("steps", "lr", "seq_len", "batch_size", "grad_accum", "lora_rank", "data_free", "snap", "seed")
+SETTINGS = ("steps", "lr", "seq_len", "batch_size", "grad_accum", "lora_rank", "data_free", "snap", "seed",
+            "learn_scales")
 
 
 def card_info(run_dir: str | os.PathLike, command: str | None = None, base_model: str | None = None,
@@ -269,6 +270,12 @@ def _files(kind: str, info: CardInfo) -> list[str]:
     if kind == "hf":
         ftype = info.plan.upper() if not info.plan.startswith(("pure:", "mlx:")) else "(the plan's type)"
         imx = " --imatrix IMATRIX.gguf" if info.imatrix else ""
+        if info.settings.get("learn_scales"):
+            return ["The QAT student's latent weights (fp32 safetensors), config and tokenizer, and "
+                    "`qat_block_scales.safetensors`: the learned factor on every block's scale, by GGUF tensor name. "
+                    "The QAT GGUF holds each block's codes as llama-quantize" + imx + " picks them from these weights, "
+                    "with its scale d replaced by fp16(d * factor); llama.cpp's converter and llama-quantize alone "
+                    "give the same file with every factor 1, not the QAT GGUF."]
         return ["The QAT student's latent weights (fp32 safetensors), config and tokenizer. llama.cpp's converter "
                 "and llama-quantize turn it into the QAT GGUF, byte for byte:", "", "```bash",
                 "python convert_hf_to_gguf.py . --outtype f32 --outfile model-f32.gguf",

@@ -73,3 +73,26 @@ def assert_export_is_fake_quant(path, latent: dict, types=None) -> int:
             assert torch.equal(deq, F.fake_quant(w.reshape(-1, w.shape[-1]), typ).reshape(w.shape)), rt.name
             n += 1
     return n
+
+
+def runs_in_llama_cpp(gguf, student, tokenizer) -> None:
+    """llama.cpp loads the file and its next-token log-probabilities track the torch student's (fake quant).
+    Tolerance: llama.cpp quantizes the activations too (Q8_K for the K-quant dot products) and sums in
+    another order, so its log-probabilities are close to, not equal to, the fake-quant forward's."""
+    import torch
+
+    from qatlm.eval.perplexity import LlamaCppEngine
+    from tiny_models import TEXT
+
+    eng = LlamaCppEngine(str(gguf), n_ctx=64, threads=1)
+    ids = tokenizer(TEXT[:400])["input_ids"][:64]
+    lp_cpp = eng.logprobs(ids)
+    with torch.no_grad():
+        logits = student(torch.tensor([ids])).logits[0, len(ids) // 2:-1].float()
+    lp_torch = torch.log_softmax(logits, -1)
+    assert torch.isfinite(lp_cpp).all()
+    target = torch.tensor(ids[len(ids) // 2 + 1:])
+    nll_cpp = -lp_cpp.gather(1, target[:, None]).mean()
+    nll_torch = -lp_torch.gather(1, target[:, None]).mean()
+    assert abs(float(nll_cpp - nll_torch)) < 0.05 * float(nll_torch), (float(nll_cpp), float(nll_torch))
+    del eng

@@ -46,6 +46,8 @@ def test_render_follows_hugging_face_conventions():
     hf = render("hf", info())
     assert front_matter(hf)["library_name"] == "transformers"
     assert "llama-quantize --imatrix IMATRIX.gguf model-f32.gguf model-qat.gguf Q4_0" in hf
+    scaled = render("hf", info(settings={"steps": 100, "learn_scales": True}))
+    assert "qat_block_scales.safetensors" in scaled and "byte for byte" not in scaled  # the weights alone don't
     mlx = render("mlx", info(plan="mlx:4g64", imatrix=None))
     assert front_matter(mlx)["tags"] == ["mlx", "qat", "qatlm", "quantized"] and "mlx_lm.generate" in mlx
 

@@ -43,11 +43,20 @@ def test_default_recipe_is_the_run_default():
     (["--set", "steps=banana"], "steps must be an integer"),
     (["--set", "train_embeddings=maybe"], "train_embeddings must be true or false"),
     (["--set", "lr"], "use KEY=VALUE"),
+    (["--set", "scale_lr=fast"], "scale_lr must be a number"),
 ])
 def test_bad_settings_are_one_line(tmp_path, capsys, argv, says):
     rc = main(["train", "--data", "x.txt", "--out", str(tmp_path / "r"), *argv])
     err = capsys.readouterr().err
     assert rc == 2 and says in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-3` as a string; a user writes it that way in --set and in recipes."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("lr: 1e-4\n")
+    cfg = C.resolve(recipe, flags=C.parse_set(["scale_lr=3e-3"]))
+    assert (cfg.lr, cfg.scale_lr) == (1e-4, 3e-3)
 
 
 def test_bad_flag_value_is_refused_by_the_parser(capsys):

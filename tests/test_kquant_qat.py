@@ -8,12 +8,11 @@ import pytest
 import torch
 
 from qatlm.arch import gguf_tensors
-from qatlm.eval.perplexity import LlamaCppEngine
 from qatlm.gguf.export import export_gguf
 from qatlm.gguf.ptq import quantize_gguf
 from qatlm.train.config import TrainConfig
 from qatlm.train.loop import load_imatrix, load_run, train
-from ggml_ref import assert_export_is_fake_quant, tensors_by_name
+from ggml_ref import assert_export_is_fake_quant, runs_in_llama_cpp, tensors_by_name
 from tiny_models import TEXT, tiny_gemma3
 
 # plan -> a block type the file must hold (what the plan is about), with 256-wide rows
@@ -37,24 +36,6 @@ def _train(wide, out, plan, **kw):
     return train(cfg, progress=False)
 
 
-def _runs_in_llama_cpp(gguf, student, tokenizer) -> None:
-    """llama.cpp loads the file and its next-token log-probabilities track the torch student's (fake quant).
-    Tolerance: llama.cpp quantizes the activations too (Q8_K for the K-quant dot products) and sums in
-    another order, so its log-probabilities are close to, not equal to, the fake-quant forward's."""
-    eng = LlamaCppEngine(str(gguf), n_ctx=64, threads=1)
-    ids = tokenizer(TEXT[:400])["input_ids"][:64]
-    lp_cpp = eng.logprobs(ids)
-    with torch.no_grad():
-        logits = student(torch.tensor([ids])).logits[0, len(ids) // 2:-1].float()
-    lp_torch = torch.log_softmax(logits, -1)
-    assert torch.isfinite(lp_cpp).all()
-    target = torch.tensor(ids[len(ids) // 2 + 1:])
-    nll_cpp = -lp_cpp.gather(1, target[:, None]).mean()
-    nll_torch = -lp_torch.gather(1, target[:, None]).mean()
-    assert abs(float(nll_cpp - nll_torch)) < 0.05 * float(nll_torch), (float(nll_cpp), float(nll_torch))
-    del eng
-
-
 @pytest.mark.parametrize("plan", sorted(PLANS))
 def test_qat_with_plan_exports_its_fake_quant(wide, tmp_path, plan):
     run = _train(wide, tmp_path / "run", plan)
@@ -65,7 +46,7 @@ def test_qat_with_plan_exports_its_fake_quant(wide, tmp_path, plan):
     latent = dict(gguf_tensors(student))
     n_block = sum(1 for typ, _ in tensors_by_name(out).values() if typ not in ("F32", "F16", "BF16"))
     assert assert_export_is_fake_quant(out, latent) == n_block == 2 * 7 + 1  # 7 matrices a layer + tied embedding
-    _runs_in_llama_cpp(out, student, t.tokenizer)
+    runs_in_llama_cpp(out, student, t.tokenizer)
 
 
 @pytest.mark.parametrize("plan", ["q3_k_m", "iq4_xs"])
@@ -85,7 +66,7 @@ def test_imatrix_qat_with_plan_is_quantize_imatrix_of_its_checkpoint(wide, tmp_p
     assert PLANS[plan] in {typ for typ, _ in a.values()}
     rtn = quantize_gguf(f32, tmp_path / "rtn.gguf", plan, progress=False)
     assert any(not np.array_equal(a[n][1], v[1]) for n, v in tensors_by_name(rtn).items())  # the rule mattered
-    _runs_in_llama_cpp(qat, student, t.tokenizer)
+    runs_in_llama_cpp(qat, student, t.tokenizer)
 
 
 def test_qat_with_mxfp4_override_exports_its_fake_quant(wide, tmp_path):
@@ -100,4 +81,4 @@ def test_qat_with_mxfp4_override_exports_its_fake_quant(wide, tmp_path):
     assert types.count("MXFP4") == 2 * 7, types
     latent = dict(gguf_tensors(student))
     assert assert_export_is_fake_quant(out, latent) == 2 * 7 + 1
-    _runs_in_llama_cpp(out, student, t.tokenizer)
+    runs_in_llama_cpp(out, student, t.tokenizer)

@@ -90,6 +90,8 @@ def gguf_names(model: torch.nn.Module) -> dict[str, str]:
     tmap = get_tensor_name_map(a.gguf_arch, a.text_config(model.config).num_hidden_layers)
     out = {}
     for name, _ in model.named_parameters(remove_duplicate=True):
+        if name.endswith(".qat_block_scale"):  # a student's learned block scales live in the blocks' d, not a tensor
+            continue
         g = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
         if g is None:
             raise ValueError(f"parameter {name!r} has no GGUF name for architecture {a.name}; qatlm cannot map it")

@@ -27,7 +27,11 @@ _REGISTRY: dict[str, BlockFormat] = {m.FORMAT.name: m.FORMAT
                                                iq4_nl, iq4_xs, mxfp4)}
 
 __all__ = ["BlockFormat", "Codes", "names", "is_format", "is_mlx", "get", "quantize", "dequantize", "fake_quant",
-           "byte_shape"]
+           "byte_shape", "SCALED_FORMATS", "fake_quant_scaled", "scale_blocks"]
+
+# formats whose values are u * d (+ m) with one fp16 d per 32 weights: a learned factor on each d (training's
+# learned block scales) gives a block that is still exactly this format (fake_quant_scaled, scale_blocks)
+SCALED_FORMATS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
 
 
 def names() -> list[str]:
@@ -203,3 +207,78 @@ def fake_quant(w: torch.Tensor, fmt: str, imatrix=None) -> torch.Tensor:
     f = get(fmt)
     _check_weight(w, f, "weight")
     return _FakeQuantSTE.apply(w, f, _check_imatrix(imatrix, f, w))
+
+
+def _scaled_d(d: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp16(fp32(d) * scale): the d a block with a learned scale factor stores (the one rounding both the
+    student and the exporter do)."""
+    return (d.to(torch.float32) * scale.to(torch.float32)).to(torch.float16)
+
+
+def _unit(f: BlockFormat, codes: Codes) -> torch.Tensor:
+    """The blocks' values with d = 1 and m = 0 (the code values u: Q4_0 q - 8, Q8_0 q, Q4_1 q), [n, B] fp32."""
+    one = torch.ones_like(codes.d)
+    return f.decode(codes._replace(d=one, m=None if codes.m is None else torch.zeros_like(codes.m)))
+
+
+class _FakeQuantScaledSTE(torch.autograd.Function):
+    """Forward: decode(codes of w, with d <- fp16(d * scale)), exactly what scale_blocks writes. Backward:
+    straight-through to w (identity), and to scale the exact derivative d * sum(grad * u) per block (the fp16
+    rounding of d * scale passed straight through)."""
+
+    @staticmethod
+    def forward(ctx, w, scale, f, qw):
+        R, C = w.shape
+        B = f.block_size
+        with torch.autocast(w.device.type, enabled=False):  # exact fp32/fp16 arithmetic inside a bf16 forward
+            codes = _kernels.encode_rows(f, w.detach(), qw)
+            c = Codes(codes.q.reshape(-1, B), _scaled_d(codes.d, scale.detach()).reshape(-1, 1),
+                      None if codes.m is None else codes.m.reshape(-1, 1))
+            out = f.decode(c).view(R, C)
+        ctx.f = f
+        ctx.save_for_backward(codes.q, codes.d, codes.m if codes.m is not None else torch.empty(0))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, d, m = ctx.saved_tensors
+        f = ctx.f
+        B = f.block_size
+        with torch.autocast(grad.device.type, enabled=False):
+            u = _unit(f, Codes(q.reshape(-1, B), d.reshape(-1, 1), m.reshape(-1, 1) if m.numel() else None))
+            g_scale = (grad.to(torch.float32).reshape(-1, B) * u).sum(1).view(d.shape) * d.to(torch.float32)
+        return grad, g_scale, None, None
+
+
+def fake_quant_scaled(w: torch.Tensor, fmt: str, scale: torch.Tensor, imatrix=None) -> torch.Tensor:
+    """fake_quant with learned block scales: each block's codes are those `quantize(w, fmt, imatrix)` picks, its
+    d is multiplied by scale [rows, cols // 32] and stored as fp16. Equals
+    `dequantize(scale_blocks(quantize(w, fmt, imatrix), fmt, scale), fmt, w.shape)` bit for bit; with scale = 1
+    it is fake_quant(w, fmt, imatrix). Gradients: straight-through to w, the exact derivative to scale."""
+    f = get(fmt)
+    if f.name not in SCALED_FORMATS:
+        raise ValueError(f"{f.name}: learned block scales need a format with one fp16 scale per 32 weights "
+                         f"({', '.join(SCALED_FORMATS)}); train this tensor without them")
+    _check_weight(w, f, "weight")
+    if tuple(scale.shape) != (w.shape[0], w.shape[1] // f.block_size):
+        raise ValueError(f"{f.name}: block scales of shape {tuple(scale.shape)} do not fit a weight of shape "
+                         f"{tuple(w.shape)} (one per {f.block_size} weights: {(w.shape[0], w.shape[1] // f.block_size)})")
+    return _FakeQuantScaledSTE.apply(w, scale, f, _check_imatrix(imatrix, f, w))
+
+
+@torch.no_grad()
+def scale_blocks(raw, fmt: str, scale) -> np.ndarray:
+    """GGUF block bytes [rows, nb * type_size] with each block's fp16 d replaced by fp16(d * scale[row, block]):
+    the export of a student trained with learned block scales (fake_quant_scaled computed with these values)."""
+    f = get(fmt)
+    if f.name not in SCALED_FORMATS:
+        raise ValueError(f"{f.name}: learned block scales apply to {', '.join(SCALED_FORMATS)} only")
+    raw_t = _as_tensor(raw)
+    rows = raw_t.reshape(-1, raw_t.shape[-1])
+    nb = rows.shape[1] // f.type_size
+    s = _as_tensor(scale).detach().cpu().to(torch.float32)
+    if s.numel() != rows.shape[0] * nb:
+        raise ValueError(f"{f.name}: {s.numel()} block scales for {rows.shape[0] * nb} blocks")
+    codes = f.unpack(rows.reshape(-1, f.type_size))
+    out = f.pack(codes._replace(d=_scaled_d(codes.d, s.reshape(-1, 1))))
+    return out.reshape(raw_t.shape).numpy()

@@ -65,6 +65,9 @@ class BlockFormat(ABC):
     # with the imatrix rule, in column layout: formats that define it run training's imatrix fake quant compiled
     # (see _kernels)
     fake_imatrix_columns: ClassVar = None
+    # (x, w) as fake_imatrix_columns -> (d fp16 [...], codes [block_size, ...]): the imatrix rule's decisions in
+    # column layout, compiled for training with learned block scales (see _kernels.encode_rows)
+    imatrix_codes_columns: ClassVar = None
 
     @property
     def bits_per_weight(self) -> float:

@@ -36,7 +36,7 @@ from typing import Callable
 
 import torch
 
-from ._base import BlockFormat
+from ._base import BlockFormat, Codes
 from . import _kbase
 from ._kbase import seq_sum
 from ._weighted import block_weights, row_sigma2
@@ -119,6 +119,60 @@ def _compiled_imatrix_fake(f: BlockFormat) -> Callable:
         search = torch.compile(lambda x, w: f.fake_imatrix_columns(x, w), dynamic=True, fullgraph=True)
         _compiled[key] = lambda x, qw, sig: search(x, weights(x, qw, sig))
     return _compiled[key]
+
+
+def _compiled_imatrix_codes(f: BlockFormat) -> Callable:
+    """As _compiled_imatrix_fake, returning the search's decisions (d [nb, r] fp16, codes [B, nb, r]) instead of
+    their values: training with learned block scales multiplies each d by its learned factor (encode_rows)."""
+    key = (f.name, "codes+imatrix")
+    if key not in _compiled:
+        _exact_inductor()
+        weights = torch.compile(block_weights, dynamic=True, fullgraph=True)
+        search = torch.compile(lambda x, w: f.imatrix_codes_columns(x, w), dynamic=True, fullgraph=True)
+        _compiled[key] = lambda x, qw, sig: search(x, weights(x, qw, sig))
+    return _compiled[key]
+
+
+def encode_rows(f: BlockFormat, rows: torch.Tensor, imatrix: torch.Tensor | None = None) -> Codes:
+    """The exact Codes of a whole [R, width] float tensor: q [R, width] as stored, d [R, width // B] fp16, m the
+    same or None (32-weight formats; `imatrix` fp32 [width] or None). What training with learned block scales
+    computes at every step; with an imatrix on large CPU tensors, Q4_0/Q5_0's search runs compiled as in
+    run_imatrix (same decisions: the same fp32 program)."""
+    width, bs = rows.shape[1], f.block_size
+    nb = width // bs
+    use_compiled = (imatrix is not None and rows.device.type == "cpu" and f.imatrix_codes_columns is not None
+                    and compile_enabled() and rows.numel() >= IMATRIX_COMPILE_MIN_ELEMENTS)
+    sigma2 = None
+    step = max(1, (COMPILED_CHUNK if use_compiled else IMATRIX_CHUNK) // max(1, width))
+    qs, ds, ms = [], [], []
+    for a in range(0, rows.shape[0], step):
+        part = rows[a:a + step].to(torch.float32)
+        r = part.shape[0]
+        if use_compiled:
+            x = part.view(r, nb, bs).permute(1, 2, 0).contiguous()  # as in _run_imatrix
+            sig = seq_sum((x * x).view(width, r), from_zero=False) / float(width)
+            res = _call_compiled(_compiled_imatrix_codes(f), x.transpose(0, 1),
+                                 imatrix.view(nb, bs, 1).transpose(0, 1), sig.view(1, 1, r))
+            if res is not None:
+                d, L = res
+                qs.append(L.permute(2, 1, 0).reshape(r, width).to(torch.uint8))
+                ds.append(d.T.contiguous())
+                continue
+            use_compiled = False
+        blocks = part.reshape(-1, bs)
+        if imatrix is None:
+            c = f.encode(blocks)
+        else:
+            if sigma2 is None and f.imatrix_use == "row":
+                sigma2 = row_sigma2(rows.to(torch.float32))
+            qw = imatrix.view(1, nb, bs).expand(r, nb, bs).reshape(-1, bs)
+            sig = None if sigma2 is None else sigma2[a:a + r].expand(r, nb).reshape(-1, 1)
+            c = f.encode_imatrix(blocks, qw, sig)
+        qs.append(c.q.reshape(r, width))
+        ds.append(c.d.reshape(r, nb))
+        if c.m is not None:
+            ms.append(c.m.reshape(r, nb))
+    return Codes(torch.cat(qs), torch.cat(ds), torch.cat(ms) if ms else None)
 
 
 GRID_SLICE = 1 << 13  # sub-blocks per compiled grid search: one static shape for every tensor (padded)

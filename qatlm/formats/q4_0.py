@@ -5,7 +5,7 @@ from gguf import GGMLQuantizationType
 
 from ._base import (BlockFormat, Codes, decode_symmetric, encode_symmetric, fp16_bytes, fp16_from_bytes,
                     pack_nibbles, unpack_nibbles)
-from ._weighted import encode_symmetric_imatrix, fake_symmetric_imatrix_columns
+from ._weighted import encode_symmetric_imatrix, fake_symmetric_imatrix_columns, symmetric_imatrix_columns
 
 
 class Q4_0(BlockFormat):
@@ -19,6 +19,9 @@ class Q4_0(BlockFormat):
 
     def fake_imatrix_columns(self, x, w):  # training's fake quant, compiled (see _kernels)
         return fake_symmetric_imatrix_columns(x, w, 8)
+
+    def imatrix_codes_columns(self, x, w):  # training's codes with learned block scales, compiled (see _kernels)
+        return symmetric_imatrix_columns(x, w, 8)
 
     def decode(self, codes: Codes) -> torch.Tensor:
         return decode_symmetric(codes, 8)

@@ -83,8 +83,12 @@ def export_gguf(model: torch.nn.Module, out: str | os.PathLike, plan: str = "q4_
                 source_gguf: str | os.PathLike | None = None, hf_dir: str | os.PathLike | None = None,
                 progress: bool = True, imatrix=None) -> Path:
     """Write `model` as a GGUF of `plan` (see module docstring), quantized with `imatrix` (an Imatrix) as
-    llama-quantize --imatrix would, if given. Returns the path."""
+    llama-quantize --imatrix would, if given; a student trained with learned block scales gets them written into
+    its blocks' d (qatlm.student.fakequant). Returns the path."""
+    from ..student import learned_block_scales
+
     a = arch.of(model)
+    scales = learned_block_scales(model)
     named = arch.gguf_tensors(model)
     reader = None
     if source_gguf is not None:
@@ -115,7 +119,10 @@ def export_gguf(model: torch.nn.Module, out: str | os.PathLike, plan: str = "q4_
             from tqdm import tqdm
             it = tqdm(named, desc=f"export {Path(out).name} ({plan})", unit="tensor")
         for n, w in it:
-            yield encode_tensor(n, w, types[n], imatrix.weights(n) if imatrix is not None and n in imatrix else None)
+            t = encode_tensor(n, w, types[n], imatrix.weights(n) if imatrix is not None and n in imatrix else None)
+            if n in scales:  # the d each block of the student had: fp16(d * learned factor)
+                t = OutTensor(n, formats.scale_blocks(t.data, types[n], scales[n]), t.ggml_type)
+            yield t
 
     return write_gguf(out, a.name, lambda w: write_metadata(w, p.file_type, source=reader,
                                                             build=None if reader is not None else build), tensors())
@@ -142,12 +149,22 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | os.PathLike,
     """The unquantized checkpoint as a Hugging Face directory (config + safetensors + tokenizer), atomically:
     an existing directory is replaced only by a complete one. `source_dir`: the teacher's Hugging Face
     directory, whose tokenizer.model and generation_config.json are copied along (when it has them), so that
-    llama.cpp's convert_hf_to_gguf.py converts the checkpoint as it converts the teacher (tests/test_converter.py)."""
+    llama.cpp's convert_hf_to_gguf.py converts the checkpoint as it converts the teacher (tests/test_converter.py).
+    A student trained with learned block scales also gets qat_block_scales.safetensors: the factors its GGUF's
+    block scales hold, which llama-quantize of the weights alone does not reproduce."""
     if not getattr(model.config, "architectures", None):  # llama.cpp's converter detects the family by it
         model.config.architectures = [arch.of(model).hf_class]
+    from safetensors.torch import save_file
+
+    from ..student import learned_block_scales
+
+    scales = learned_block_scales(model)
     with atomic_dir(out_dir) as tmp:
         model.config.save_pretrained(tmp)
         save_state_dict(model, tmp / "model.safetensors")
+        if scales:  # the factors the GGUF's d hold (GGUF names, llama.cpp's row order): the weights alone re-quantize
+            #         to the GGUF without them
+            save_file({n: s.contiguous() for n, s in scales.items()}, str(tmp / "qat_block_scales.safetensors"))
         save_tokenizer(tokenizer, tmp, source_dir)
     return Path(out_dir)
 
@@ -182,6 +199,9 @@ def export_run(run_dir, out: str | os.PathLike | None = None, hf: str | os.PathL
         raise ValueError(f"{run_dir} was trained for the MLX plan {plan!r}, which a GGUF cannot hold: export it "
                          f"with --mlx DIR (and --hf DIR for the unquantized checkpoint), without {out}")
     cfg, t, student = load_run(run_dir, teacher)
+    if mlx is not None and cfg.learn_scales:
+        raise ValueError(f"{run_dir} was trained with learned block scales, which the MLX export does not write yet: "
+                         "export the GGUF (and --hf) only")
     check_finite_weights(student, lambda n: f"{checkpoint_dir(Path(run_dir))}: student tensor {n!r}",
                          "nothing was exported. The run diverged before this checkpoint: train again with a lower "
                          "--lr or a longer --warmup (or export an earlier run)")

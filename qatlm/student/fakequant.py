@@ -7,6 +7,14 @@ share the original Parameter objects, so state_dict names, tying and optimizer s
 puts plain modules back, holding the latent weights, which `export_gguf` quantizes to the very bytes the
 student trained with (tested), and which are the "unquantized QAT checkpoint".
 
+With learned block scales (`prepare(..., learn_scales=True)`, the recipe key `learn_scales`), each FakeQuantLinear of a
+32-weight format (formats.SCALED_FORMATS) also holds `qat_block_scale` [out, in // 32], a factor on every block's
+fp16 d, starting at 1 (so the student still starts exactly at PTQ). The codes stay the quantizer's decisions on the
+latent weight; the factors get the exact gradient. convert() keeps them beside the plain Linear
+(`learned_block_scales`), and the GGUF export writes fp16(d * factor) into each block (formats.scale_blocks):
+again exactly what the student computed with. The unquantized checkpoint then no longer re-quantizes to that GGUF
+by itself: the factors are a second output (export writes them beside it).
+
 Teachers that were themselves quantized (every GGUF teacher) put many weights exactly on decision boundaries
 of the target format: a Q5_0 lattice has 47.5% of its values on Q4_0 boundaries, so a 1e-6 update flips 24% of
 the codes at the first step and perplexity explodes. `snap_toward_grid_` moves every trainable weight a small
@@ -34,14 +42,19 @@ class FakeQuantLinear(nn.Linear):
         self.lora_A: nn.Parameter | None = None  # [rank, in]
         self.lora_B: nn.Parameter | None = None  # [out, rank]
         self.lora_scale = 1.0
+        self.qat_block_scale: nn.Parameter | None = None  # [out, in // 32]: learned factors on the blocks' d
         # [in]: per-column importance (llama-quantize --imatrix's weighted rule), not part of the checkpoint
         self.register_buffer("imatrix", None, persistent=False)
 
     @classmethod
-    def from_linear(cls, m: nn.Linear, fmt: str, imatrix: torch.Tensor | None = None) -> "FakeQuantLinear":
+    def from_linear(cls, m: nn.Linear, fmt: str, imatrix: torch.Tensor | None = None,
+                    learn_scales: bool = False) -> "FakeQuantLinear":
         new = cls(m.in_features, m.out_features, m.bias is not None, fmt, device="meta")
         new.weight, new.bias = m.weight, m.bias  # the same Parameters: tying and state_dict names kept
         new.imatrix = imatrix.to(m.weight.device) if imatrix is not None else None
+        if learn_scales:
+            nb = m.in_features // formats.get(fmt).block_size
+            new.qat_block_scale = nn.Parameter(torch.ones(m.out_features, nb, device=m.weight.device))
         return new
 
     def to_linear(self) -> nn.Linear:
@@ -53,6 +66,8 @@ class FakeQuantLinear(nn.Linear):
         else:
             m.weight = self.weight
         m.bias = self.bias
+        if self.qat_block_scale is not None:  # a plain attribute: not a tensor of the checkpoint's state_dict
+            object.__setattr__(m, "qat_block_scale", self.qat_block_scale.detach())
         return m
 
     def merged_weight(self) -> torch.Tensor:
@@ -63,7 +78,11 @@ class FakeQuantLinear(nn.Linear):
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward computes with: fake_quant(merged weight) when enabled (fp32)."""
         w = self.merged_weight()
-        return formats.fake_quant(w, self.fmt, self.imatrix) if self.enabled else w
+        if not self.enabled:
+            return w
+        if self.qat_block_scale is not None:
+            return formats.fake_quant_scaled(w, self.fmt, self.qat_block_scale, self.imatrix)
+        return formats.fake_quant(w, self.fmt, self.imatrix)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, self.effective_weight().to(x.dtype), self.bias)
@@ -137,10 +156,12 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def prepare(model: nn.Module, plan: str = "q4_0", overrides: tuple[str, ...] = (), imatrix=None) -> dict[str, str]:
+def prepare(model: nn.Module, plan: str = "q4_0", overrides: tuple[str, ...] = (), imatrix=None,
+            learn_scales: bool = False) -> dict[str, str]:
     """Swap modules for fake-quant ones following `plan` (in place). Returns {param name: type}. With an
     `imatrix` (qatlm.imatrix.Imatrix), weights it has entries for use llama-quantize --imatrix's weighted rule,
-    and the types follow its imatrix rules: the student computes with what `quantize --imatrix` would write."""
+    and the types follow its imatrix rules: the student computes with what `quantize --imatrix` would write.
+    learn_scales: the Linear weights of formats.SCALED_FORMATS get learned block scales (module docstring)."""
     types = plan_types(model, plan, overrides, imatrix)
     qw = imatrix_weights(model, imatrix)
     scale = arch.of(model).embed_scale(arch.of(model).text_config(model.config))
@@ -151,7 +172,8 @@ def prepare(model: nn.Module, plan: str = "q4_0", overrides: tuple[str, ...] = (
         mname = pname[: -len(".weight")]
         m = modules[mname]
         if type(m) is nn.Linear:
-            _swap(model, mname, FakeQuantLinear.from_linear(m, t, qw.get(pname)))
+            _swap(model, mname, FakeQuantLinear.from_linear(m, t, qw.get(pname),
+                                                            learn_scales and t in formats.SCALED_FORMATS))
         elif isinstance(m, nn.Embedding):  # includes transformers' scaled embedding subclasses
             _swap(model, mname, FakeQuantEmbedding.from_embedding(m, t, scale))
     head = getattr(model, "lm_head", None)
@@ -184,6 +206,22 @@ def convert(model: nn.Module) -> nn.Module:
             orig.weight = m.weight
             _swap(model, name, orig)
     return model
+
+
+def learned_block_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{GGUF tensor name: fp32 [rows, blocks] factors} of a converted student trained with learned block scales,
+    in the row order llama.cpp stores the tensor (arch.Arch.to_gguf permutes Llama's q/k rows: the factors
+    follow their rows); {} without them."""
+    a = arch.of(model)
+    names = arch.gguf_names(model)
+    out = {}
+    for mname, m in model.named_modules():
+        s = m.__dict__.get("qat_block_scale")
+        if s is None or isinstance(m, FakeQuantLinear):
+            continue
+        pname = f"{mname}.weight"
+        out[names[pname]] = a.to_gguf(pname, s.to(torch.float32), model.config)
+    return out
 
 
 @torch.no_grad()

@@ -60,6 +60,9 @@ class TrainConfig:
     budget_minutes: float | None = None  # if set: after step 2, the schedule is sized to fit (step 2's time)
     lora_rank: int = 0  # > 0: train LoRA adapters inside the fake quantizer instead of every weight
     lora_alpha: float | None = None  # LoRA scale alpha / rank (default alpha = rank)
+    learn_scales: bool = False  # learn a factor on each block's fp16 d (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 Linear weights),
+    #                             written into the GGUF as trained (qatlm.student.fakequant)
+    scale_lr: float = 1e-3  # peak learning rate of those factors (they start at 1; same schedule as lr)
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
     precision: str = "auto"  # the matmuls' dtype: auto (bf16 on CUDA and on CPUs with native bf16, else fp32)
     #                          | bf16 | fp32; latent weights, fake quant, softmax and optimizer stay fp32
@@ -73,6 +76,8 @@ class TrainConfig:
             raise ValueError("steps, batch_size, grad_accum and save_every must be >= 1 and seq_len >= 8")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.scale_lr > 0:
+            raise ValueError(f"scale_lr must be > 0, got {self.scale_lr}")
         if not 0 <= self.snap < 1:
             raise ValueError(f"snap must be in [0, 1), got {self.snap}")
         if self.lora_rank < 0 or self.data_free < 0 or self.warmup < 0:
@@ -106,7 +111,7 @@ class TrainConfig:
 # what a resumed run may not change: the model, the data and the data order it was trained on
 FIXED_ON_RESUME = ("teacher", "data", "data_free", "sampled_fraction", "plan", "overrides", "imatrix", "seq_len",
                    "batch_size", "grad_accum", "seed", "heldout_fraction", "kd_on", "snap", "train_embeddings",
-                   "lora_rank", "lora_alpha", "teacher_cache")
+                   "lora_rank", "lora_alpha", "teacher_cache", "learn_scales")
 RECIPES = Path(str(resources.files("qatlm.recipes")))
 
 
@@ -154,6 +159,11 @@ def _check(key: str, value, where: str):
     elif base is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 (PyYAML) reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         want = "a number"
     else:
         if isinstance(value, str):

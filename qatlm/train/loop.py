@@ -100,13 +100,37 @@ def build_student(cfg: TrainConfig, teacher_model: torch.nn.Module) -> torch.nn.
         raise ValueError(f"{cfg.teacher}: {e}") from None
     if cfg.snap:
         snap_toward_grid_(student, cfg.plan, cfg.snap, tuple(cfg.overrides), im)
-    prepare(student, cfg.plan, tuple(cfg.overrides), im)
+    prepare(student, cfg.plan, tuple(cfg.overrides), im, learn_scales=cfg.learn_scales)
+    if cfg.learn_scales and not any(n.endswith(".qat_block_scale") for n, _ in student.named_parameters()):
+        raise ValueError(f"learn_scales: plan {cfg.plan!r} puts no Linear weight in a format with one fp16 scale per "
+                         "32 weights (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0); train without learn_scales")
     if cfg.lora_rank:
         add_lora(student, cfg.lora_rank, cfg.lora_alpha)  # freezes everything else
     else:
         for name, p in student.named_parameters():
             p.requires_grad_(cfg.train_embeddings or "embed" not in name)
+    for name, p in student.named_parameters():  # learned block scales train with LoRA too
+        if name.endswith(".qat_block_scale"):
+            p.requires_grad_(True)
     return student
+
+
+def param_groups(student: torch.nn.Module) -> list[dict]:
+    """AdamW's groups: the weights (or adapters), then the learned block scales if any, without weight decay (a
+    decay would pull them toward 0, not toward 1); the loop gives each its learning rate (group_lr)."""
+    named = [(n, p) for n, p in student.named_parameters() if p.requires_grad]
+    scales = [p for n, p in named if n.endswith(".qat_block_scale")]
+    groups = [{"params": [p for n, p in named if not n.endswith(".qat_block_scale")]}]
+    if scales:
+        groups.append({"params": scales, "weight_decay": 0.0})
+    return groups
+
+
+def group_lr(cfg: TrainConfig, step: int, group: dict, scale_ids: set[int]) -> float:
+    """The learning rate of an optimizer group at `step`: lr_at, scaled to scale_lr for the block scales' group
+    (recognized by its parameters, whatever a resumed optimizer state holds)."""
+    lr = lr_at(cfg, step)
+    return lr * cfg.scale_lr / cfg.lr if any(id(p) in scale_ids for p in group["params"]) else lr
 
 
 def load_imatrix(cfg: TrainConfig, model: torch.nn.Module):
@@ -222,7 +246,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
 
     # optimizer
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(param_groups(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scale_ids = {id(p) for n, p in student.named_parameters() if n.endswith(".qat_block_scale")}
 
     # resume
     step = load_checkpoint(run, student, opt) if resume and checkpoint_dir(run) else 0
@@ -243,7 +268,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                 set_fake_quant(student, True)
             lr = lr_at(cfg, step)
             for g in opt.param_groups:
-                g["lr"] = lr
+                g["lr"] = group_lr(cfg, step, g, scale_ids)
             opt.zero_grad(set_to_none=True)
             kl = ce = 0.0
             for micro in range(cfg.grad_accum):
