@@ -108,29 +108,36 @@ def _imatrix_kernel(f: BlockFormat, kind: str, blocks, qw, sig):
     return f.pack(codes) if kind == "quantize" else f.decode(codes)
 
 
-def _compiled_imatrix_fake(f: BlockFormat) -> Callable:
-    """(x [B, nb, r], qw [B, nb, 1], sigma2 [1, 1, r]) -> fake-quantized [B, nb, r] (block element first, rows
+_IMATRIX_COLUMNS = {"fake": "fake_imatrix_columns", "codes": "imatrix_codes_columns"}  # kind -> BlockFormat method
+
+
+def _compiled_imatrix(f: BlockFormat, kind: str) -> Callable:
+    """(x [B, nb, r], qw [B, nb, 1], sigma2 [1, 1, r]) -> f.<method>(x, weights) (block element first, rows
     innermost: see run_imatrix): two compiled graphs, the block weights and then the search, so that the weights
-    are computed once (see _weighted.fake_symmetric_imatrix_columns)."""
-    key = (f.name, "fake+imatrix")
+    are computed once (see _weighted.fake_symmetric_imatrix_columns). kind: "fake" (f.fake_imatrix_columns: the
+    fake-quantized values [B, nb, r], training's fake quant) or "codes" (f.imatrix_codes_columns: the search's
+    decisions, d [nb, r] fp16 and codes [B, nb, r], training with learned block scales: encode_rows)."""
+    key = (f.name, f"{kind}+imatrix")
+    method = _IMATRIX_COLUMNS[kind]
     if key not in _compiled:
         _exact_inductor()
         weights = torch.compile(block_weights, dynamic=True, fullgraph=True)
-        search = torch.compile(lambda x, w: f.fake_imatrix_columns(x, w), dynamic=True, fullgraph=True)
+        search = torch.compile(lambda x, w: getattr(f, method)(x, w), dynamic=True, fullgraph=True)
         _compiled[key] = lambda x, qw, sig: search(x, weights(x, qw, sig))
     return _compiled[key]
 
 
-def _compiled_imatrix_codes(f: BlockFormat) -> Callable:
-    """As _compiled_imatrix_fake, returning the search's decisions (d [nb, r] fp16, codes [B, nb, r]) instead of
-    their values: training with learned block scales multiplies each d by its learned factor (encode_rows)."""
-    key = (f.name, "codes+imatrix")
-    if key not in _compiled:
-        _exact_inductor()
-        weights = torch.compile(block_weights, dynamic=True, fullgraph=True)
-        search = torch.compile(lambda x, w: f.imatrix_codes_columns(x, w), dynamic=True, fullgraph=True)
-        _compiled[key] = lambda x, qw, sig: search(x, weights(x, qw, sig))
-    return _compiled[key]
+def _call_compiled_imatrix(f: BlockFormat, kind: str, part: torch.Tensor, imatrix: torch.Tensor):
+    """_compiled_imatrix(f, kind) on fp32 rows `part` [r, width] laid out in columns, or None if compiling is
+    unavailable. [nb, B, r]: C's order along a row (block, then element) outermost, so sigma2 (the mean x^2 of each
+    row) is a sequential column sum, and the rows innermost, so the search's vectors run along contiguous memory."""
+    r, width = part.shape
+    bs = f.block_size
+    nb = width // bs
+    x = part.view(r, nb, bs).permute(1, 2, 0).contiguous()
+    sig = seq_sum((x * x).view(width, r), from_zero=False) / float(width)
+    return _call_compiled(_compiled_imatrix(f, kind), x.transpose(0, 1), imatrix.view(nb, bs, 1).transpose(0, 1),
+                          sig.view(1, 1, r))
 
 
 def encode_rows(f: BlockFormat, rows: torch.Tensor, imatrix: torch.Tensor | None = None) -> Codes:
@@ -149,10 +156,7 @@ def encode_rows(f: BlockFormat, rows: torch.Tensor, imatrix: torch.Tensor | None
         part = rows[a:a + step].to(torch.float32)
         r = part.shape[0]
         if use_compiled:
-            x = part.view(r, nb, bs).permute(1, 2, 0).contiguous()  # as in _run_imatrix
-            sig = seq_sum((x * x).view(width, r), from_zero=False) / float(width)
-            res = _call_compiled(_compiled_imatrix_codes(f), x.transpose(0, 1),
-                                 imatrix.view(nb, bs, 1).transpose(0, 1), sig.view(1, 1, r))
+            res = _call_compiled_imatrix(f, "codes", part, imatrix)
             if res is not None:
                 d, L = res
                 qs.append(L.permute(2, 1, 0).reshape(r, width).to(torch.uint8))
@@ -314,12 +318,7 @@ def _run_imatrix(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tenso
         if check:
             finite = finite and bool(torch.isfinite(part).all())
         if use_compiled:
-            # [nb, B, r]: C's order along a row (block, then element) outermost, so sigma2 is a sequential
-            # column sum, and the rows innermost, so the search's vectors run along contiguous memory
-            x = part.view(r, nb, bs).permute(1, 2, 0).contiguous()
-            sig = seq_sum((x * x).view(width, r), from_zero=False) / float(width)
-            vals = _call_compiled(_compiled_imatrix_fake(f), x.transpose(0, 1), imatrix.view(nb, bs, 1).transpose(0, 1),
-                                  sig.view(1, 1, r))
+            vals = _call_compiled_imatrix(f, "fake", part, imatrix)
             if vals is not None:
                 out[a:a + r].view(r, nb, bs).copy_(vals.permute(2, 1, 0))
                 continue
