@@ -126,10 +126,9 @@ def param_groups(student: torch.nn.Module) -> list[dict]:
     return groups
 
 
-def group_lr(cfg: TrainConfig, step: int, group: dict, scale_ids: set[int]) -> float:
-    """The learning rate of an optimizer group at `step`: lr_at, scaled to scale_lr for the block scales' group
-    (recognized by its parameters, whatever a resumed optimizer state holds)."""
-    lr = lr_at(cfg, step)
+def group_lr(cfg: TrainConfig, lr: float, group: dict, scale_ids: set[int]) -> float:
+    """The learning rate of an optimizer group when the weights' is `lr` (lr_at): scaled to scale_lr for the block
+    scales' group (recognized by its parameters, whatever a resumed optimizer state holds)."""
     return lr * cfg.scale_lr / cfg.lr if any(id(p) in scale_ids for p in group["params"]) else lr
 
 
@@ -268,7 +267,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                 set_fake_quant(student, True)
             lr = lr_at(cfg, step)
             for g in opt.param_groups:
-                g["lr"] = group_lr(cfg, step, g, scale_ids)
+                g["lr"] = group_lr(cfg, lr, g, scale_ids)
             opt.zero_grad(set_to_none=True)
             kl = ce = 0.0
             for micro in range(cfg.grad_accum):
