@@ -28,7 +28,8 @@ FORMATS = F.names()
 GGUF_PY_QUANTIZES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # the rest: libggml is the only reference
 # formats whose encode has no separate fast rules (fast=True only adds flags): one kernel path is enough here
 SEARCH = tuple(n for n in FORMATS if not F.get(n).compile)
-GRID = ("q2_k", "q4_k", "q5_k")  # search formats whose affine grid search large jobs run compiled
+GRID = ("q2_k", "q4_k", "q5_k", "q6_k")  # search formats whose searches (affine grid, make_qx_quants) large jobs run
+# compiled
 SIGN_FIELD = {"q4_0": 1, "q5_0": 1, "q4_1": 3, "q5_1": 3}  # byte holding the fp16 sign bit of d or m
 
 
@@ -85,19 +86,26 @@ def assert_same_bytes(w, name):
 
 class kernel_mode:
     """Force a kernel path: "eager" (fast rules + exact fix-up of flagged blocks), "compiled" (the same,
-    torch.compile'd even for small tensors; the search formats' compiled grid step too) or "exact" (the
-    branch-free exact rules on every block: the CUDA path, run on CPU)."""
+    torch.compile'd even for small tensors; the search formats' compiled grid step and make_qx_quants too) or
+    "exact" (the branch-free exact rules on every block: the CUDA path, run on CPU)."""
 
     def __init__(self, mode):
         self.mode = {False: "eager", True: "compiled"}.get(mode, mode)
 
     def __enter__(self):
-        self.saved = _kernels.COMPILE_MIN_ELEMENTS, _kernels.GRID_COMPILE_MIN_ELEMENTS, _kernels.FORCE_EXACT
-        _kernels.COMPILE_MIN_ELEMENTS = _kernels.GRID_COMPILE_MIN_ELEMENTS = 0 if self.mode == "compiled" else 1 << 62
+        self.saved = [getattr(_kernels, k) for k in self.KNOBS]
+        compiled = self.mode == "compiled"
+        for k in self.KNOBS[:3]:
+            setattr(_kernels, k, 0 if compiled else 1 << 62)
+        _kernels.REUSE_COMPILED_QX = compiled  # eager: even after the compiled search was built in this process
         _kernels.FORCE_EXACT = self.mode == "exact"
 
     def __exit__(self, *exc):
-        _kernels.COMPILE_MIN_ELEMENTS, _kernels.GRID_COMPILE_MIN_ELEMENTS, _kernels.FORCE_EXACT = self.saved
+        for k, v in zip(self.KNOBS, self.saved):
+            setattr(_kernels, k, v)
+
+    KNOBS = ("COMPILE_MIN_ELEMENTS", "GRID_COMPILE_MIN_ELEMENTS", "QX_COMPILE_MIN_ELEMENTS", "REUSE_COMPILED_QX",
+             "FORCE_EXACT")
 
 
 WEIGHTS_SEEN = {name: 0 for name in FORMATS}

@@ -2,14 +2,16 @@
 `ggml_quantize_chunk(type, src, dst, 0, rows, cols, imatrix)`, which is what `llama-quantize --imatrix` runs
 per tensor (quantize_row_q4_0_impl & co. in ggml-quants.c). No tolerances: byte equality, block by block.
 
-The imatrix path is one set of exact, branch-free rules (no fast path, no torch.compile), so each case runs
-once; tensors are wide and tall enough to cross the kernels' row chunks. The case families cover realistic
+The imatrix path is one set of exact, branch-free rules (no fast path), so each case runs once eager, and once
+more with its searches compiled as large jobs run them (GRID: the affine grid step, make_qx_quants); tensors are wide and tall enough to cross the kernels' row chunks. The case families cover realistic
 imatrix values (log-uniform over 8 orders of magnitude, as in_sum2 / counts of real activations are),
 zeros in the imatrix (single columns, whole blocks, all but one column of a block: the near-singular fits
 where ggml's least squares produce arbitrary scales), degenerate weights (zero, constant, single-nonzero
 blocks), fp16/bf16-valued weights, exact ties on the formats' lattices and extreme magnitudes.
 test_blocks_compared (run last) checks how many blocks each format went through.
 """
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,24 @@ ALL = WEIGHTED + ("q8_0",)
 BLOCKS_SEEN = {name: 0 for name in ALL}
 
 
-GRID = ("q4_1", "q5_1", "q2_k", "q4_k", "q5_k")  # formats whose imatrix search is an affine grid search
+# formats whose imatrix search large jobs run compiled: an affine grid search, or make_qx_quants (Q4_0 / Q5_0's
+# compiled here as a one-off quantize runs it, not as training's fused fake quant: test_formats_imatrix_compiled)
+GRID = ("q4_1", "q5_1", "q2_k", "q4_k", "q5_k", "q4_0", "q5_0", "q3_k", "q6_k")
+SEARCH_KNOBS = ("GRID_COMPILE_MIN_ELEMENTS", "QX_COMPILE_MIN_ELEMENTS", "REUSE_COMPILED_QX")
+
+
+@contextlib.contextmanager
+def search_mode(compiled: bool):
+    """The searches compiled for every tensor, or eager even after their compiled graphs were built."""
+    saved = [getattr(_kernels, k) for k in SEARCH_KNOBS]
+    for k, v in zip(SEARCH_KNOBS, (0, 0, True) if compiled else (1 << 62, 1 << 62, False)):
+        setattr(_kernels, k, v)
+    try:
+        yield
+        assert not (compiled and _kernels._compile_failed), "torch.compile failed: the eager search ran instead"
+    finally:
+        for k, v in zip(SEARCH_KNOBS, saved):
+            setattr(_kernels, k, v)
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -38,13 +57,11 @@ def assert_same_bytes(w, name, imatrix):
     imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
     f = F.get(name)
     ref = ggml_quantize(w, name, imatrix)
-    ours = F.quantize(torch.from_numpy(w), name, torch.from_numpy(imatrix))
-    if name in GRID:  # their affine grid search, compiled as large jobs run it, writes the same bytes
-        saved, _kernels.GRID_COMPILE_MIN_ELEMENTS = _kernels.GRID_COMPILE_MIN_ELEMENTS, 0
-        try:
+    with search_mode(compiled=False):
+        ours = F.quantize(torch.from_numpy(w), name, torch.from_numpy(imatrix))
+    if name in GRID:  # their search, compiled as large jobs run it, writes the same bytes
+        with search_mode(compiled=True):
             assert np.array_equal(F.quantize(torch.from_numpy(w), name, torch.from_numpy(imatrix)), ours), name
-        finally:
-            _kernels.GRID_COMPILE_MIN_ELEMENTS = saved
     assert ours.dtype == np.uint8 and ours.shape == ref.shape
     a, b = ours.reshape(-1, f.type_size), ref.reshape(-1, f.type_size)
     bad = np.nonzero((a != b).any(1))[0]

@@ -85,6 +85,11 @@ def qx_steps(nmax: int, dims: int = 1) -> torch.Tensor:
     return torch.tensor(vals, dtype=torch.float32).view(-1, *([1] * dims))
 
 
+# qatlm.formats._kernels sets this while it runs a large CPU job: make_qx_quants torch.compile'd (one fused pass
+# over the blocks; see _kernels.compiled_qx_search); None: eager
+compiled_qx_search = None
+
+
 def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
     """ggml make_qx_quants(n, nmax, x, L, rmse_type=1, qw=w) on x, w: [n, S] (or [n, ...]: any block dims).
 
@@ -96,6 +101,11 @@ def make_qx_quants(x: torch.Tensor, nmax: int, w: torch.Tensor):
     pointwise: eager it is 19x fewer kernel launches than one grid at a time, and torch.compile (qatlm.formats.
     _kernels.run_imatrix) fuses the element loop into one pass over the blocks.
     """
+    # is_compiling first: inside a compiled graph (run_imatrix's) the hook is never read, so not guarded on
+    if not torch.compiler.is_compiling() and compiled_qx_search is not None and x.device.type == "cpu":
+        result = compiled_qx_search(x, nmax, w)
+        if result is not None:
+            return result
     mx = _signed_absmax_seq(x)  # [S]
     zero = mx.abs() < GROUP_MAX_EPS
     iscales = torch.div(qx_steps(nmax, mx.dim()).to(x.device), mx)  # [19, S], each fp32 c / max rounded once

@@ -4,7 +4,8 @@
 Per sub-block of 16: make_qx_quants(nmax=32, rmse_type=1): codes l in [-32, 31] from the largest-|x| element,
 then 18 neighbouring grids tried, keeping the scale that maximises (sum w x l)^2 / sum w l^2 with w = x^2.
 The 16 sub-block scales are coded as int8 against the largest, and the codes recomputed from the coded
-scales. Replayed here in the same fp32 operations, vectorised across sub-blocks (see _kbase).
+scales. Replayed here in the same fp32 operations, vectorised across sub-blocks (see _kbase); large jobs run the
+search torch.compile'd (_kernels.compiled_qx_search), the same fp32 program.
 
 With an importance matrix: quantize_row_q6_K_impl (encode_imatrix), the same search weighted by the imatrix.
 """
