@@ -28,8 +28,8 @@ FORMATS = F.names()
 GGUF_PY_QUANTIZES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")  # the rest: libggml is the only reference
 # formats whose encode has no separate fast rules (fast=True only adds flags): one kernel path is enough here
 SEARCH = tuple(n for n in FORMATS if not F.get(n).compile)
-GRID = ("q2_k", "q4_k", "q5_k", "q6_k")  # search formats whose searches (affine grid, make_qx_quants) large jobs run
-# compiled
+# search formats whose searches (affine grid, make_qx_quants, Q3_K's descent) large jobs run compiled
+GRID = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 SIGN_FIELD = {"q4_0": 1, "q5_0": 1, "q4_1": 3, "q5_1": 3}  # byte holding the fp16 sign bit of d or m
 
 

@@ -17,7 +17,12 @@ from gguf import GGMLQuantizationType
 from ._base import BlockFormat, Codes, fp16_bytes, fp16_from_bytes, signed_absmax
 from . import _weighted
 from ._kbase import GROUP_MAX_EPS, columns, div, fast_flags, nearest_int, rows, seq_sum
-from ._weighted import _signed_absmax_cols, block_weights
+from ._weighted import _signed_absmax_seq, block_weights
+
+
+# qatlm.formats._kernels sets this while it runs a large CPU job: descent_pass torch.compile'd (one fused loop over
+# the sub-blocks; _kernels.compiled_q3_pass); None: eager
+compiled_descent_pass = None
 
 
 def make_q3_quants(x: torch.Tensor):
@@ -26,7 +31,7 @@ def make_q3_quants(x: torch.Tensor):
     A column whose largest |x| is below 1e-15 gets scale 0 and L = 0. C stops the descent after a pass that
     changed nothing; such a pass leaves the state as it was, so running all five is the same."""
     nmax = 4
-    mx = _signed_absmax_cols(x)
+    mx = _signed_absmax_seq(x)  # C's loop, 16 pointwise steps (the reductions over [S, 16] views cost 5x more)
     zero = mx.abs() < GROUP_MAX_EPS
     L = nearest_int(div(float(-nmax), mx) * x).clamp_(-nmax, nmax - 1)  # C: iscale = -nmax / max
     w = x * x
@@ -34,23 +39,39 @@ def make_q3_quants(x: torch.Tensor):
     lf = L.float()
     sumlx = seq_sum(wx * lf)  # C: w*x[i]*l
     suml2 = seq_sum((w * lf) * lf)
+    step = descent_pass
+    if not torch.compiler.is_compiling() and compiled_descent_pass is not None and x.device.type == "cpu":
+        step = compiled_descent_pass
     for _ in range(5):
-        for i in range(x.shape[0]):
-            Li = L[i].float()
-            slx = sumlx - wx[i] * Li
-            sl2 = suml2 - (w[i] * Li) * Li
-            new_l = nearest_int((x[i] * sl2) / slx).clamp_(-nmax, nmax - 1)  # C computes it only where slx > 0
-            nf = new_l.float()
-            new_slx = slx + wx[i] * nf
-            new_sl2 = sl2 + (w[i] * nf) * nf
-            take = (slx > 0) & (new_l != L[i]) & (new_sl2 > 0) & \
-                ((new_slx * new_slx) * suml2 > (sumlx * sumlx) * new_sl2)
-            L[i] = torch.where(take, new_l, L[i])
-            sumlx = torch.where(take, new_slx, sumlx)
-            suml2 = torch.where(take, new_sl2, suml2)
+        state = step(x, w, wx, L, sumlx, suml2)
+        if state is None:  # compiling unavailable: eager from here (same fp32 program)
+            step = descent_pass
+            state = step(x, w, wx, L, sumlx, suml2)
+        L, sumlx, suml2 = state
     scale = torch.where(suml2 > 0, sumlx / suml2, torch.zeros_like(sumlx))
     L = torch.where(zero, torch.zeros_like(L), L + nmax)
     return torch.where(zero, torch.zeros_like(scale), scale), L
+
+
+def descent_pass(x, w, wx, L, sumlx, suml2, nmax: int = 4):
+    """One pass of make_q3_quants' coordinate descent over the 16 elements in C's order: element i's code moves
+    to nearest_int(x_i * sum_l2' / sum_lx') (the sums without it) where that raises (sum w x l)^2 / sum w l^2.
+    Functional (the codes as a list of rows, stacked at the end), so torch.compile fuses a pass into one loop."""
+    rows = [L[i] for i in range(x.shape[0])]
+    for i in range(x.shape[0]):
+        Li = rows[i].float()
+        slx = sumlx - wx[i] * Li
+        sl2 = suml2 - (w[i] * Li) * Li
+        new_l = nearest_int((x[i] * sl2) / slx).clamp_(-nmax, nmax - 1)  # C computes it only where slx > 0
+        nf = new_l.float()
+        new_slx = slx + wx[i] * nf
+        new_sl2 = sl2 + (w[i] * nf) * nf
+        take = (slx > 0) & (new_l != rows[i]) & (new_sl2 > 0) & \
+            ((new_slx * new_slx) * suml2 > (sumlx * sumlx) * new_sl2)
+        rows[i] = torch.where(take, new_l, rows[i])
+        sumlx = torch.where(take, new_slx, sumlx)
+        suml2 = torch.where(take, new_sl2, suml2)
+    return torch.stack(rows), sumlx, suml2
 
 
 def pack_scales(sc: torch.Tensor) -> torch.Tensor:
