@@ -62,3 +62,34 @@ def test_compiled_chunk_equals_eager(ce_scale, monkeypatch):
     assert a[2].dtype == torch.bfloat16
     # dz is rounded to bf16 at the end: equal, or one bf16 step apart where fp32 sums differed in the last bit
     torch.testing.assert_close(a[2].float(), b[2].float(), rtol=2 ** -7, atol=1e-9)
+
+
+def test_hidden_mse_term(tmp_path):
+    """hidden_weight adds the layers' relative squared error against the teacher's hidden states: zero for a copy
+    of the teacher, the hand-computed value otherwise, with a gradient reaching the first layer; the KL part is
+    unchanged by it, and hidden_weight 0 returns the KD loss alone."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from tiny_models import tiny_gemma3
+
+    teacher = AutoModelForCausalLM.from_pretrained(tiny_gemma3(tmp_path / "g", num_hidden_layers=4)).eval()
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 12))
+    student = copy.deepcopy(teacher)
+    loss, parts = K.kd_loss(student, teacher, ids, hidden_weight=2.0)
+    assert parts["hidden"] == 0.0 and parts["kl"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p in student.model.layers[0].parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    loss, parts = K.kd_loss(student, teacher, ids, hidden_weight=2.0)
+    plain, plain_parts = K.kd_loss(student, teacher, ids)
+    assert "hidden" not in plain_parts and plain_parts["kl"] == pytest.approx(parts["kl"], rel=1e-6)
+    with torch.no_grad():
+        hs = student.model(ids, output_hidden_states=True).hidden_states
+        ht = teacher.model(ids, output_hidden_states=True).hidden_states
+    want = sum(float((a - b).pow(2).sum() / b.pow(2).sum()) for a, b in zip(hs[1:4], ht[1:4])) / 3  # layers 0-2
+    assert parts["hidden"] == pytest.approx(want, rel=1e-5) and want > 0
+    assert float(loss) == pytest.approx(float(plain) + 2.0 * want, rel=1e-5)
+    loss.backward()
+    assert student.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0

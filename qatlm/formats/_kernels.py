@@ -13,7 +13,8 @@ nodes that Inductor takes minutes to compile (162 s for Q4_K, measured) for a 2x
 (Q4_K, Q5_K, Q2_K; Q4_1 / Q5_1 / Q4_K / Q5_K with an imatrix) instead compiles one grid step, a small static graph
 (~9 s cold), called 21-37 times per slice of sub-blocks: ~3x faster, used for jobs large enough to pay it back;
 make_qx_quants (Q6_K's search; with an imatrix Q3_K's, and Q4_0 / Q5_0's in a one-off quantize) compiles whole, a
-pointwise graph over its [19, sub-blocks] state (compiled_qx_search: ~9x faster), likewise for large jobs.
+pointwise graph over its [19, sub-blocks] state (compiled_qx_search: ~9x faster), and so does one pass of Q3_K's
+coordinate descent (compiled_q3_pass: ~8x), likewise for large jobs.
 With an importance matrix (run_imatrix) the exact rules run; for Q4_0/Q5_0 (the default QAT job's imatrix rule,
 whose fake quant runs on every weight at every step) they are compiled on large CPU tensors for training's fake
 quant: make_qx_quants keeps its 19 grids as one [19, blocks] state updated element by element (_weighted), a

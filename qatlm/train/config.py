@@ -44,6 +44,9 @@ class TrainConfig:
     clip: float = 1.0  # gradient-norm clipping (0: off)
     temperature: float = 1.0  # KD temperature
     ce_weight: float = 0.0  # weight of next-token cross-entropy mixed into the KD loss
+    hidden_weight: float = 0.0  # weight of the layers' hidden-state matching added to the KD loss (kd_loss.hidden_mse:
+    #                            each layer's output against the teacher's, squared error over the teacher's mean
+    #                            square, averaged over the layers); needs the teacher itself (no teacher_cache)
     kd_chunk: int = 128  # positions per chunk of the vocabulary-sized KD computation
     kd_on: str = "all"  # positions distilled: all | assistant (chat JSONL: those whose next token is an assistant
     #                     turn's, content and end-of-turn token; qatlm.train.chat. Sampled --data-free text: all)
@@ -101,6 +104,11 @@ class TrainConfig:
                 raise ValueError(f"{key} must be auto, bf16 or fp32, got {getattr(self, key)!r}")
         if self.budget_minutes is not None and not self.budget_minutes > 0:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
+        if not self.hidden_weight >= 0:
+            raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
+        if self.teacher_cache and self.hidden_weight:
+            raise ValueError("hidden_weight matches the teacher's hidden states, which a teacher_cache does not hold: "
+                             "set hidden_weight 0, or train without --teacher-cache")
         if self.teacher_cache and self.temperature != 1.0:
             raise ValueError(f"temperature {self.temperature} with teacher_cache: the cache holds the teacher at "
                              "temperature 1 only (exact KD at T != 1 needs every logit); use temperature 1, or train "

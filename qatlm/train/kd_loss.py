@@ -166,32 +166,58 @@ class _FusedHeadKD(FusedHead):
 def kd_loss(student: nn.Module, teacher: nn.Module, input_ids: torch.Tensor, temperature: float = 1.0,
             ce_weight: float = 0.0, chunk: int = 128,
             dtype: torch.dtype = torch.float32, teacher_dtype: torch.dtype | None = None,
-            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+            mask: torch.Tensor | None = None, hidden_weight: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Mean per-position loss over input_ids [B, T] and its parts {'kl', 'ce'} (floats, for logging).
 
     dtype: the matmuls' dtype for the student's body and both heads (bf16: under autocast; fp32: everything
     fp32); teacher_dtype: the teacher body's (default: dtype). mask [B, T] bool (None: every position counts):
     position t counts when mask[:, t + 1] (its target token is, e.g., an assistant turn's); the mean (KL and
-    CE) is over those positions, 0 when there are none."""
+    CE) is over those positions, 0 when there are none. hidden_weight > 0 adds hidden_weight * hidden_mse (the
+    layers' outputs against the teacher's, over the same positions; its value logged as 'hidden')."""
     arch.check_softcap(student)
     td = dtype if teacher_dtype is None else teacher_dtype
+    hidden = hidden_weight > 0
     with torch.no_grad(), torch.autocast(input_ids.device.type, dtype=td, enabled=td != torch.float32):
-        h_t = teacher.model(input_ids, use_cache=False).last_hidden_state
+        out_t = teacher.model(input_ids, use_cache=False, output_hidden_states=hidden)
+    h_t = out_t.last_hidden_state
     w_t = frozen_cast(teacher.get_output_embeddings().weight, dtype)
-    h_s, w_s, targets, rows = student_rows(student, input_ids, dtype, mask)
+    h_s, w_s, targets, rows, layers_s = student_rows(student, input_ids, dtype, mask, hidden=hidden)
     h_t = h_t.reshape(-1, h_t.shape[-1])
     h_t = h_t if rows is None else h_t[rows]
     ce_scale, n_pos, n_tgt = ce_in_kl_units(targets, ce_weight)
     sums = _FusedHeadKD.apply(h_s, w_s, h_t, w_t, targets, temperature, ce_scale, chunk, dtype)
-    return mean_loss(sums, n_pos, n_tgt, ce_weight)
+    loss, parts = mean_loss(sums, n_pos, n_tgt, ce_weight)
+    if hidden:
+        mse = hidden_mse(layers_s, out_t.hidden_states, rows)
+        loss = loss + hidden_weight * mse
+        parts["hidden"] = float(mse.detach())
+    return loss, parts
 
 
-def student_rows(student: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor | None):
+def hidden_mse(layers_s, layers_t, rows: torch.Tensor | None) -> torch.Tensor:
+    """The layers' hidden-state matching term: for each decoder layer but the last (HF hidden_states[1:-1]: the
+    residual stream after layer l; the last entry is the final norm's output, which the KL term already
+    constrains), sum over the counted positions of ||h_s - h_t||^2 divided by the teacher's sum of ||h_t||^2 (a
+    relative error, so layers whose residual stream has a larger norm weigh no more), averaged over the layers.
+    fp32; the teacher's side carries no gradient."""
+    terms = []
+    for hs, ht in zip(layers_s[1:-1], layers_t[1:-1]):
+        hs, ht = hs.reshape(-1, hs.shape[-1]).float(), ht.reshape(-1, ht.shape[-1]).float()
+        if rows is not None:
+            hs, ht = hs[rows], ht[rows]
+        terms.append((hs - ht).pow(2).sum() / ht.pow(2).sum().clamp_min(1e-30))
+    return torch.stack(terms).mean()
+
+
+def student_rows(student: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype, mask: torch.Tensor | None,
+                 hidden: bool = False):
     """The student's side of a fused-head loss (kd_loss, topk_kd_loss): (hidden states [N, H] under autocast in
     `dtype`, the output weight it computes with (cast once when frozen), next-token targets [N] (-1: none), the
-    flat indices of the counted positions or None for all). Position t counts when mask[:, t + 1]."""
+    flat indices of the counted positions or None for all, and with `hidden` every layer's hidden states (HF
+    hidden_states; else None)). Position t counts when mask[:, t + 1]."""
     with torch.autocast(input_ids.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        h_s = student.model(input_ids, use_cache=False).last_hidden_state
+        out = student.model(input_ids, use_cache=False, output_hidden_states=hidden)
+    h_s = out.last_hidden_state
     w_s = head_weight(student)
     if not w_s.requires_grad:
         w_s = frozen_cast(w_s, dtype)
@@ -204,7 +230,7 @@ def student_rows(student: nn.Module, input_ids: torch.Tensor, dtype: torch.dtype
         keep[:, :-1] = mask[:, 1:]
         rows = keep.reshape(-1).nonzero().squeeze(1)
         h_s, targets = h_s[rows], targets[rows]
-    return h_s, w_s, targets, rows
+    return h_s, w_s, targets, rows, (out.hidden_states if hidden else None)
 
 
 def ce_in_kl_units(targets: torch.Tensor, ce_weight: float) -> tuple[float, int, int]:

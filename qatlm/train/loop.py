@@ -238,7 +238,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
         ids, mask = split_mask(blocks, cfg.kd_on)
         if cache is not None:
             return cache.kd_loss(s, blocks, ids, cfg.ce_weight, cfg.kd_chunk, dtype, mask)
-        return kd_loss(s, tch, ids, cfg.temperature, cfg.ce_weight, cfg.kd_chunk, dtype, t_dtype, mask=mask)
+        return kd_loss(s, tch, ids, cfg.temperature, cfg.ce_weight, cfg.kd_chunk, dtype, t_dtype, mask=mask,
+                       hidden_weight=cfg.hidden_weight)
 
     kd_step = (dist.shard(dist.KDStep(student, teacher_model, loss_fn, cfg.shard_teacher), ctx)
                if ctx.distributed else None)
@@ -269,7 +270,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             for g in opt.param_groups:
                 g["lr"] = group_lr(cfg, lr, g, scale_ids)
             opt.zero_grad(set_to_none=True)
-            kl = ce = 0.0
+            kl = ce = hid = 0.0
             for micro in range(cfg.grad_accum):
                 idx = batch_indices(len(train_blocks), step, micro, cfg.batch_size, cfg.grad_accum, cfg.seed,
                                     sampled_first(cfg), cfg.sampled_fraction)
@@ -283,13 +284,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                 (loss / cfg.grad_accum).backward()
                 kl += parts["kl"] / cfg.grad_accum
                 ce += parts["ce"] / cfg.grad_accum
+                hid += parts.get("hidden", 0.0) / cfg.grad_accum
             gnorm = dist.clip_grad_norm(params, cfg.clip)
             opt.step()
             step += 1
             dt = time.perf_counter() - t0
-            kl, ce, dt = dist.mean_over_ranks(ctx, [kl, ce, dt])
-            rec = {"step": step, "loss": kl + cfg.ce_weight * ce, "kl": kl, "ce": ce, "lr": lr, "grad_norm": gnorm,
-                   "fake_quant": step > cfg.fake_quant_after, "seconds": dt, "tokens_per_s": tokens_per_step / dt}
+            kl, ce, hid, dt = dist.mean_over_ranks(ctx, [kl, ce, hid, dt])
+            rec = {"step": step, "loss": kl + cfg.ce_weight * ce + cfg.hidden_weight * hid, "kl": kl, "ce": ce,
+                   "lr": lr, "grad_norm": gnorm, "fake_quant": step > cfg.fake_quant_after, "seconds": dt,
+                   "tokens_per_s": tokens_per_step / dt}
+            if cfg.hidden_weight:
+                rec["hidden"] = hid
             bar.update()
             bar.set_postfix(kl=f"{kl:.4f}", ce=f"{ce:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
             sizing = cfg.budget_minutes and step == 2 and not resume  # step 1 includes one-time compile costs

@@ -79,7 +79,7 @@ def topk_kd_loss(student: nn.Module, cached: tuple[torch.Tensor, torch.Tensor, t
     """
     arch.check_softcap(student)
     lp_k, idx, lp_r = (c.to(input_ids.device) for c in cached)
-    h_s, w_s, targets, rows = student_rows(student, input_ids, dtype, mask)
+    h_s, w_s, targets, rows, _ = student_rows(student, input_ids, dtype, mask)
     k = lp_k.shape[-1]
     lp_k, idx, lp_r = lp_k.reshape(-1, k), idx.reshape(-1, k), lp_r.reshape(-1)
     if rows is not None:
