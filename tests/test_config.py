@@ -36,7 +36,7 @@ def test_resume_refuses_flags_that_change_the_model(tmp_path):
 def test_default_recipe_is_the_run_default():
     cfg = C.resolve("default")
     assert (cfg.steps, cfg.budget_minutes, cfg.train_embeddings, cfg.save_every, cfg.lr, cfg.data_free,
-            cfg.sampled_fraction) == (400, 7.5, False, 20, 3e-5, 48, 0.75)
+            cfg.sampled_fraction, cfg.hidden_weight) == (400, 7.5, False, 20, 3e-5, 48, 0.75, 10.0)
 
 
 @pytest.mark.parametrize("argv, says", [
@@ -45,6 +45,8 @@ def test_default_recipe_is_the_run_default():
     (["--set", "train_embeddings=maybe"], "train_embeddings must be true or false"),
     (["--set", "lr"], "use KEY=VALUE"),
     (["--set", "scale_lr=fast"], "scale_lr must be a number"),
+    (["--set", "hidden_weight=-1"], "hidden_weight must be >= 0"),
+    (["--set", "hidden_weight=1", "--teacher-cache", "cache/"], "a teacher_cache does not hold"),
 ])
 def test_bad_settings_are_one_line(tmp_path, capsys, argv, says):
     rc = main(["train", "--data", "x.txt", "--out", str(tmp_path / "r"), *argv])
