@@ -36,7 +36,7 @@ def test_resume_refuses_flags_that_change_the_model(tmp_path):
 def test_default_recipe_is_the_run_default():
     cfg = C.resolve("default")
     assert (cfg.steps, cfg.budget_minutes, cfg.train_embeddings, cfg.save_every, cfg.lr, cfg.data_free,
-            cfg.sampled_fraction, cfg.hidden_weight) == (400, 7.5, False, 20, 3e-5, 48, 0.75, 10.0)
+            cfg.sampled_fraction, cfg.hidden_weight) == (400, 7.5, False, 20, 3e-5, 48, 0.75, 30.0)
 
 
 @pytest.mark.parametrize("argv, says", [
