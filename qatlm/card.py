@@ -148,7 +148,7 @@ def _bundled_repo() -> str | None:
 
 
 SETTINGS = ("steps", "lr", "seq_len", "batch_size", "grad_accum", "lora_rank", "data_free", "snap", "seed",
-            "learn_scales", "hidden_weight")
+            "learn_scales", "hidden_weight", "block_lr")
 
 
 def card_info(run_dir: str | os.PathLike, command: str | None = None, base_model: str | None = None,

@@ -40,11 +40,12 @@ def test_loss_falls(tiny, tmp_path, arch):
     assert len(k) == 30 and np.mean(k[-5:]) < 0.6 * k[0], k
 
 
-@pytest.mark.parametrize("learn_scales", [False, True])
-def test_resume_is_bit_identical(tiny, tmp_path, learn_scales):
+@pytest.mark.parametrize("variant", [{}, {"learn_scales": True, "scale_lr": 1e-2}, {"block_lr": True}])
+def test_resume_is_bit_identical(tiny, tmp_path, variant):
     """Killed after a checkpoint and resumed == uninterrupted: the exported GGUFs are byte-identical (with learned
-    block scales too: their values and AdamW state are in the checkpoint, and their lr follows scale_lr)."""
-    kw = dict(steps=12, save_every=4, learn_scales=learn_scales, scale_lr=1e-2)
+    block scales too: their values and AdamW state are in the checkpoint, and their lr follows scale_lr; with
+    block-relative learning rates: the resumed run recomputes the factors from the starting weights)."""
+    kw = dict(steps=12, save_every=4, **variant)
     straight = train(cfg_for(tiny, "llama", tmp_path / "a", **kw), progress=False)
     cut = cfg_for(tiny, "llama", tmp_path / "b", **kw)
     train(cut, progress=False, stop_after=6)  # stops after step 6; the last checkpoint is step 4

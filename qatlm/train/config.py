@@ -66,6 +66,9 @@ class TrainConfig:
     learn_scales: bool = False  # learn a factor on each block's fp16 d (Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 Linear weights),
     #                             written into the GGUF as trained (qatlm.student.fakequant)
     scale_lr: float = 1e-3  # peak learning rate of those factors (they start at 1; same schedule as lr)
+    block_lr: bool = False  # each 32-weight block of a fake-quantized Linear weight moves at lr x its size over the
+    #                         model's median block size: every block the same fraction of its quantization step
+    #                         (qatlm.train.block_lr); single process, not with LoRA
     device: str = "auto"  # auto (CUDA when available) | cpu | cuda
     precision: str = "auto"  # the matmuls' dtype: auto (bf16 on CUDA and on CPUs with native bf16, else fp32)
     #                          | bf16 | fp32; latent weights, fake quant, softmax and optimizer stay fp32
@@ -106,6 +109,9 @@ class TrainConfig:
             raise ValueError(f"budget_minutes must be > 0, got {self.budget_minutes}")
         if not self.hidden_weight >= 0:
             raise ValueError(f"hidden_weight must be >= 0, got {self.hidden_weight}")
+        if self.block_lr and self.lora_rank:
+            raise ValueError("block_lr scales the updates of the weights themselves; LoRA trains adapters: set "
+                             "block_lr false, or train without --lora")
         if self.teacher_cache and self.hidden_weight:
             raise ValueError("hidden_weight matches the teacher's hidden states, which a teacher_cache does not hold: "
                              "set hidden_weight 0, or train without --teacher-cache")

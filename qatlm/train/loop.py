@@ -37,6 +37,7 @@ from ..student import add_lora, convert, plan_types, prepare, set_fake_quant, sn
 from ..teacher import Teacher, load_teacher
 from . import config as C
 from . import dist
+from .block_lr import BlockLR
 from .checkpoint import checkpoint_dir, checkpoint_step, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import blocks_from_stream, held_out_count, load_blocks, split_mask
@@ -248,6 +249,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scale_ids = {id(p) for n, p in student.named_parameters() if n.endswith(".qat_block_scale")}
+    if cfg.block_lr and ctx.distributed:
+        raise ValueError("block_lr runs in a single process (FSDP2 shards the weights' rows and their blocks' "
+                         "factors with them is not done): drop --nproc, or set block_lr false")
+    blr = BlockLR.of(student) if cfg.block_lr else None  # from the starting weights, before a checkpoint loads
 
     # resume
     step = load_checkpoint(run, student, opt) if resume and checkpoint_dir(run) else 0
@@ -286,7 +291,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
                 ce += parts["ce"] / cfg.grad_accum
                 hid += parts.get("hidden", 0.0) / cfg.grad_accum
             gnorm = dist.clip_grad_norm(params, cfg.clip)
-            opt.step()
+            if blr is not None:
+                blr.step(opt)
+            else:
+                opt.step()
             step += 1
             dt = time.perf_counter() - t0
             kl, ce, hid, dt = dist.mean_over_ranks(ctx, [kl, ce, hid, dt])
