@@ -1,12 +1,28 @@
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # tests/ggml_ref.py and other helpers
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub: everything is built or bundled
+
+# what one test session writes under the temp directory at its peak (the bundled model as an F32 GGUF and as
+# safetensors, exported GGUFs, training runs), with room to spare. A full disk otherwise surfaces as dozens of
+# llama.cpp tools failing mid-write.
+NEEDS_GB = 8
+
+
+def pytest_sessionstart(session):
+    tmp = Path(tempfile.gettempdir())
+    free = shutil.disk_usage(tmp).free / 1e9
+    if free < NEEDS_GB:
+        pytest.exit(f"only {free:.1f} GB free on the disk of {tmp}; a test session writes up to ~{NEEDS_GB} GB there. "
+                    f"Free space first (old sessions in {tmp}/pytest-of-*, qatlm run directories), then rerun.",
+                    returncode=1)
 
 
 @pytest.fixture(scope="session")
