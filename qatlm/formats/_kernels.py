@@ -250,25 +250,24 @@ def compiled_qx_search(x: torch.Tensor, nmax: int, w: torch.Tensor):
     """_weighted.make_qx_quants(x, nmax, w) torch.compile'd (dynamic shapes: one graph per nmax serves every block
     size and count): the same fp32 program, so the same decisions (the format tests run it against libggml on
     every case family). None if compiling is unavailable (the caller then runs eager)."""
-    kernel = _search_kernel(f"qx{nmax}", lambda x, w: _weighted.make_qx_quants(x, nmax, w))
-    return None if _compile_failed else _call_compiled(kernel, x, w)
+    return _compiled_search(f"qx{nmax}", lambda x, w: _weighted.make_qx_quants(x, nmax, w), x, w)
 
 
 def compiled_q3_pass(x, w, wx, L, sumlx, suml2):
     """q3_k.descent_pass torch.compile'd (Q3_K's coordinate descent: ~13 s to compile cold, then ~8x faster than
     eager: 5.2M weights 0.63 -> 0.08 s; the same fp32 program, tested against libggml like the eager one), or None
     if compiling is unavailable."""
-    kernel = _search_kernel("q3pass", q3_k.descent_pass)
-    return None if _compile_failed else _call_compiled(kernel, x, w, wx, L, sumlx, suml2)
+    return _compiled_search("q3pass", q3_k.descent_pass, x, w, wx, L, sumlx, suml2)
 
 
-def _search_kernel(name: str, fn: Callable) -> Callable:
-    """fn torch.compile'd once per process under `name` (dynamic shapes: one graph for every tensor)."""
+def _compiled_search(name: str, fn: Callable, *args):
+    """fn(*args) torch.compile'd once per process under `name` (dynamic shapes: one graph for every tensor), or
+    None if compiling is unavailable."""
     key = (name, "search")
     if key not in _compiled:
         _exact_inductor()
         _compiled[key] = torch.compile(fn, dynamic=True, fullgraph=True)
-    return _compiled[key]
+    return None if _compile_failed else _call_compiled(_compiled[key], *args)
 
 
 @contextlib.contextmanager
@@ -316,8 +315,11 @@ def run(f: BlockFormat, kind: str, rows: torch.Tensor, out: torch.Tensor, compil
     # the search formats compile only their searches (the affine grid's step, make_qx_quants), for large jobs
     search = fast and not f.compile and kind != "dequantize"
     n = rows.numel()
-    with compiled_searches(search and (n >= GRID_COMPILE_MIN_ELEMENTS if compile is None else compile),
-                           search and (n >= QX_COMPILE_MIN_ELEMENTS or _qx_compiled() if compile is None else compile)):
+    if compile is None:  # by size: where compiling pays back within the call (or was already paid in this process)
+        grid_on, qx_on = n >= GRID_COMPILE_MIN_ELEMENTS, n >= QX_COMPILE_MIN_ELEMENTS or _qx_compiled()
+    else:
+        grid_on = qx_on = compile
+    with compiled_searches(search and grid_on, search and qx_on):
         return _run(f, kind, rows, out, fast, use_compiled)
 
 
