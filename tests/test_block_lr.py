@@ -41,13 +41,13 @@ def test_each_block_moves_by_its_factor():
     grads = [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()} for _ in range(3)]
     plain = copy.deepcopy(model)
     moved = []
-    for m, stepper in ((model, blr.step), (plain, None)):
+    for m, stepper in ((model, blr.step), (plain, lambda opt: opt.step())):
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.0)
         start = {n: p.detach().clone() for n, p in m.named_parameters()}
         for step_grads in grads:  # three steps: AdamW's moments build up from the same gradients in both
             for n, p in m.named_parameters():
                 p.grad = step_grads[n].clone()
-            stepper(opt) if stepper is not None else opt.step()
+            stepper(opt)
         moved.append({n: p.detach() - start[n] for n, p in m.named_parameters()})
     assert torch.equal(moved[0]["norm"], moved[1]["norm"])  # not a fake-quantized weight: untouched by block_lr
     for w, f in blr.weights:

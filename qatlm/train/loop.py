@@ -201,6 +201,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of the {world} processes: each step's "
                          "micro-batch is split evenly across them (use --batch-size or --grad-accum)")
+    if cfg.block_lr and world > 1:  # before anything is loaded
+        raise ValueError("block_lr runs in a single process (FSDP2 shards the weights' rows, and sharding their "
+                         "blocks' factors with them is not done): drop --nproc, or set block_lr false")
     ctx = dist.setup(cfg.device)
     run.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -249,9 +252,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(param_groups(student), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scale_ids = {id(p) for n, p in student.named_parameters() if n.endswith(".qat_block_scale")}
-    if cfg.block_lr and ctx.distributed:
-        raise ValueError("block_lr runs in a single process (FSDP2 shards the weights' rows and their blocks' "
-                         "factors with them is not done): drop --nproc, or set block_lr false")
     blr = BlockLR.of(student) if cfg.block_lr else None  # from the starting weights, before a checkpoint loads
 
     # resume
